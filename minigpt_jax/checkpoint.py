@@ -1,0 +1,105 @@
+"""Run directories: Orbax checkpoints plus the config and tokenizer needed to sample.
+
+    checkpoints/<run>/config.json      the full config the run was started with
+    checkpoints/<run>/tokenizer.json
+    checkpoints/<run>/metrics.jsonl    appended by training
+    checkpoints/<run>/ckpt/<step>/     Orbax: items "params" and "opt_state", "meta"
+"""
+
+import json
+import pathlib
+from typing import Optional
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from minigpt_jax.errors import UserError
+from minigpt_jax.model import ModelConfig, init_params
+from minigpt_jax.tokenizer import CharTokenizer
+
+
+def manager(run_dir: pathlib.Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+  """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
+  carrying the target shardings, so a run saved on one mesh loads onto another)."""
+  args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+  try:
+    return dict(mngr.restore(step, args=ocp.args.Composite(**args)))
+  except Exception as e:  # Orbax raises many types for a damaged checkpoint
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"cannot restore checkpoint step {step} in {mngr.directory}: {first[:300]}")
+
+
+def read_run_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  path = pathlib.Path(run_dir) / "config.json"
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except FileNotFoundError:
+    raise UserError(f"{run_dir} is not a run directory (no config.json)")
+  except ValueError as e:
+    raise UserError(f"{path} is unreadable: {e}")
+
+
+def read_tokenizer(run_dir: pathlib.Path) -> CharTokenizer:
+  path = pathlib.Path(run_dir) / "tokenizer.json"
+  try:
+    return CharTokenizer.from_dict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read the tokenizer of {run_dir}: {e}")
+
+
+def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
+  """Accepts a run directory, its ckpt/ folder or one ckpt/<step>/ folder.
+
+  Returns (run directory, step): `step` if given, else the one named by the
+  path, else the latest.
+  """
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise UserError(f"checkpoint path {path} does not exist")
+  if p.name.isdigit() and p.parent.name == "ckpt":
+    run_dir, named = p.parent.parent, int(p.name)
+  elif p.name == "ckpt":
+    run_dir, named = p.parent, None
+  else:
+    run_dir, named = p, None
+  if not (run_dir / "ckpt").is_dir():
+    raise UserError(f"{path} holds no checkpoints (expected {run_dir / 'ckpt'}/<step>/)")
+  mngr = manager(run_dir, read_only=True)
+  steps = mngr.all_steps()
+  chosen = step if step is not None else named if named is not None else mngr.latest_step()
+  if chosen is None or chosen not in steps:
+    raise UserError(f"no checkpoint for step {chosen} in {run_dir} (have {sorted(steps)})")
+  return run_dir, chosen
+
+
+def load_for_inference(path: str, step: Optional[int] = None, compute_dtype: Optional[str] = None):
+  """Loads parameters onto the default device for sampling or evaluation.
+
+  Returns (params, ModelConfig, CharTokenizer, run config, step). The compute
+  dtype is resolved for this machine ("auto") unless given.
+  """
+  run_dir, step = locate(path, step)
+  config = read_run_config(run_dir)
+  tok = read_tokenizer(run_dir)
+  model_cfg = config.model
+  if compute_dtype:
+    model_cfg = ml_collections.ConfigDict(dict(model_cfg, compute_dtype=compute_dtype))
+  cfg = ModelConfig.from_config(model_cfg, tok.vocab_size)
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  params = restore(manager(run_dir, read_only=True), step, {"params": abstract})["params"]
+  return params, cfg, tok, config, step

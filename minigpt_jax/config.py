@@ -1,0 +1,67 @@
+"""The full configuration, commented field by field; `configs/*.py` start from it.
+
+Units: sizes of text in characters (= tokens), schedules in optimizer steps.
+"""
+
+from ml_collections import ConfigDict
+
+
+def base_config() -> ConfigDict:
+  """The ~25M-parameter model of the design card, trained on a GPU."""
+  c = ConfigDict()
+  c.seed = 0  # parameter init and the batch sequence (a batch is a function of seed and step)
+  c.workdir = "checkpoints"  # runs land in <workdir>/<run_name>/
+  c.run_name = "full"  # a run directory that already holds checkpoints is resumed
+
+  c.data = ConfigDict()
+  c.data.dir = "data"  # prepared corpora land in <dir>/<name>/
+  c.data.name = "stdlib+site"
+  # Source roots, walked for *.py in sorted order: "stdlib" and "site-packages"
+  # name the running interpreter's; anything else is a folder path.
+  c.data.roots = ("stdlib", "site-packages")
+  c.data.max_chars = 120_000_000  # cap on the whole corpus; 0 = no cap
+  c.data.max_file_chars = 1_000_000  # skip larger files (mostly generated tables); 0 = no cap
+  c.data.val_fraction = 0.1  # fraction of files (chosen by a hash of their path) held out
+  c.data.rebuild = False  # rebuild the prepared corpus even if it exists
+
+  c.model = ConfigDict()
+  c.model.context_len = 512  # tokens
+  c.model.d_model = 512
+  c.model.n_layers = 8
+  c.model.n_heads = 8  # head size = d_model / n_heads = 64
+  c.model.d_ff = 2048  # FFN hidden width
+  c.model.vocab_pad_multiple = 128  # LM head width rounded up to this (GPU-friendly); 1 = none
+  c.model.compute_dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+  c.model.attention_impl = "auto"  # "auto": cuDNN flash on GPU with 16-bit compute, else "xla"
+
+  c.train = ConfigDict()
+  c.train.steps = 10_000
+  c.train.batch_size = 64  # sequences per step (global, over all devices)
+  c.train.lr = 6e-4  # peak learning rate
+  c.train.warmup_steps = 200
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+  c.train.weight_decay = 0.1  # applied to matmul kernels only
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0  # global-norm clip
+  c.train.log_every = 50  # steps between console/JSONL train metrics
+  c.train.eval_every = 500  # steps between validation evals (and samples)
+  c.train.eval_batches = 20  # batches per periodic validation eval
+  c.train.ckpt_every = 1000  # steps between checkpoints (one is always written at the end)
+  c.train.keep = 3  # checkpoints kept
+  c.train.stop_at_step = 0  # end this invocation at this step, with a checkpoint; 0 = train.steps
+  c.train.debug_recompiles = False  # log every trace of the jitted functions
+
+  c.sample = ConfigDict()  # samples printed during training
+  c.sample.prompt = "def "
+  c.sample.num_samples = 2
+  c.sample.max_new_tokens = 256
+  c.sample.temperature = 0.8
+  c.sample.top_k = 0  # 0 = off
+  c.sample.top_p = 0.95  # 1.0 = off
+
+  c.mesh = ConfigDict()  # device mesh; -1 = all remaining devices
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return c

@@ -1,0 +1,207 @@
+"""The Python-source corpus: build it once into `data/<name>/`, then load and batch it.
+
+A prepared corpus is `train.bin` and `val.bin` (uint8 token ids, files separated
+by `<eos>`) and `manifest.json` (settings, sources, sizes, sha256, dropped
+characters). Loading checks the manifest against the settings and the files
+against their sha256, so a stale or corrupt corpus is refused, not used.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minigpt_jax.errors import UserError
+from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def resolve_root(root: str) -> pathlib.Path:
+  """"stdlib" and "site-packages" name the running interpreter's; anything else is a path."""
+  if root == "stdlib":
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+  if root == "site-packages":
+    return pathlib.Path(sysconfig.get_paths()["purelib"])
+  path = pathlib.Path(root).expanduser()
+  if not path.is_dir():
+    raise UserError(f"corpus root {root!r} is not a directory")
+  return path
+
+
+# Never descended into below a root: installed packages belong to the "site-packages" root.
+SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git"}
+
+
+def _python_files(root: pathlib.Path, skip: list[pathlib.Path]) -> Iterator[pathlib.Path]:
+  for dirpath, dirnames, filenames in os.walk(root):
+    here = pathlib.Path(dirpath)
+    dirnames[:] = sorted(d for d in dirnames if here / d not in skip and d not in SKIP_DIRS)
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        yield here / name
+
+
+def is_val_file(relpath: str, val_fraction: float) -> bool:
+  """Holds a file out by a hash of its path: stable, and independent of the other files."""
+  h = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "little")
+  return h / 2**64 < val_fraction
+
+
+def spec_of(data_cfg) -> dict:
+  """The settings a prepared corpus must match."""
+  return {
+      "format": FORMAT_VERSION,
+      "roots": [str(resolve_root(r)) for r in data_cfg.roots],
+      "max_chars": int(data_cfg.max_chars),
+      "max_file_chars": int(data_cfg.max_file_chars),
+      "val_fraction": float(data_cfg.val_fraction),
+  }
+
+
+def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print) -> dict:
+  """Walks the roots, encodes every .py file, and writes the split corpus atomically."""
+  spec = spec_of(data_cfg)
+  roots = [pathlib.Path(r) for r in spec["roots"]]
+  parts = {s: [] for s in SPLITS}
+  files = {s: [] for s in SPLITS}
+  dropped = {"non_ascii": 0, "control": 0}
+  skipped = {"too_large": 0, "over_cap": 0, "unreadable": 0, "empty": 0}
+  total, t0 = 0, time.time()
+  for i, root in enumerate(roots):
+    nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
+    for path in _python_files(root, nested):
+      rel = f"{i}:{path.relative_to(root).as_posix()}"
+      try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+      except OSError:
+        skipped["unreadable"] += 1
+        continue
+      text = text.replace("\r\n", "\n").replace("\r", "\n")
+      raw = text.encode("ascii", errors="ignore")
+      dropped["non_ascii"] += len(text) - len(raw)
+      if spec["max_file_chars"] and len(raw) > spec["max_file_chars"]:
+        skipped["too_large"] += 1
+        continue
+      ids, n_control = tok.encode_bytes(raw)
+      if ids.size == 0:
+        skipped["empty"] += 1
+        continue
+      if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
+        skipped["over_cap"] += 1
+        continue
+      dropped["control"] += n_control
+      split = "val" if is_val_file(rel, spec["val_fraction"]) else "train"
+      parts[split] += [ids, np.array([EOS_ID], np.uint8)]
+      files[split].append([rel, int(ids.size)])
+      total += ids.size + 1
+    log(f"corpus: {root}: {total:,} chars so far ({time.time() - t0:.1f}s)")
+  arrays = {s: np.concatenate(parts[s]) if parts[s] else np.zeros(0, np.uint8) for s in SPLITS}
+  for s in SPLITS:
+    if arrays[s].size < 2:
+      raise UserError(f"the corpus has no {s} text: roots {spec['roots']} hold too few .py files")
+  manifest = {
+      "spec": spec,
+      "python": sys.version.split()[0],
+      "sources_fingerprint": _fingerprint(files),
+      "splits": {s: {"files": len(files[s]), "chars": int(arrays[s].size),
+                     "sha256": hashlib.sha256(arrays[s].tobytes()).hexdigest()} for s in SPLITS},
+      "dropped_chars": {**dropped, "why": "non_ascii: outside ASCII; control: ASCII control "
+                                         "characters other than newline and tab"},
+      "skipped_files": skipped,
+      "tokenizer": tok.to_dict(),
+      "files": files,
+  }
+  _write_atomically(out_dir, arrays, manifest)
+  return manifest
+
+
+def _fingerprint(files: dict) -> str:
+  return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomically(out_dir: pathlib.Path, arrays: dict, manifest: dict) -> None:
+  """Writes into a fresh folder, then swaps it in: a crash leaves the old corpus intact."""
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  for s in SPLITS:
+    arrays[s].tofile(tmp / f"{s}.bin")
+  (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+  old = None
+  if out_dir.exists():
+    old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+    out_dir.rename(old)
+  tmp.rename(out_dir)
+  if old is not None:
+    for f in old.iterdir():
+      f.unlink()
+    old.rmdir()
+
+
+def load_corpus(data_cfg, tok: CharTokenizer, log=print) -> tuple[dict, dict]:
+  """Returns ({"train": ids, "val": ids}, manifest), preparing the corpus on first use."""
+  out_dir = pathlib.Path(data_cfg.dir) / data_cfg.name
+  manifest_path = out_dir / "manifest.json"
+  if data_cfg.rebuild or not manifest_path.exists():
+    if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
+      raise UserError(f"{out_dir} exists but has no manifest.json; move it away or pick "
+                      "another --config.data.name")
+    log(f"corpus: preparing {out_dir} from {list(data_cfg.roots)}")
+    manifest = build_corpus(data_cfg, out_dir, tok, log)
+    log(f"corpus: {manifest['splits']['train']['chars']:,} train / "
+        f"{manifest['splits']['val']['chars']:,} val chars from "
+        f"{manifest['splits']['train']['files'] + manifest['splits']['val']['files']} files")
+  try:
+    manifest = json.loads(manifest_path.read_text())
+    recorded = manifest["spec"]
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{manifest_path} is unreadable ({e}); rebuild with --config.data.rebuild=True")
+  wanted = spec_of(data_cfg)
+  if recorded != wanted:
+    diff = ", ".join(f"{k}: prepared {recorded.get(k)!r} vs config {wanted[k]!r}"
+                     for k in wanted if recorded.get(k) != wanted[k])
+    raise UserError(f"prepared corpus {out_dir} is stale ({diff}); rebuild it with "
+                    "--config.data.rebuild=True or choose another --config.data.name")
+  if manifest.get("tokenizer") != tok.to_dict():
+    raise UserError(f"prepared corpus {out_dir} used another tokenizer; rebuild with "
+                    "--config.data.rebuild=True")
+  splits = {}
+  for s in SPLITS:
+    path = out_dir / f"{s}.bin"
+    ids = np.fromfile(path, np.uint8) if path.exists() else np.zeros(0, np.uint8)
+    if hashlib.sha256(ids.tobytes()).hexdigest() != manifest["splits"][s]["sha256"]:
+      raise UserError(f"{path} does not match its sha256 in the manifest (corrupt or edited); "
+                      "rebuild with --config.data.rebuild=True")
+    splits[s] = ids
+  return splits, manifest
+
+
+def get_batch(data_N: jax.Array, key: jax.Array, batch_size: int, context_len: int):
+  """Random windows of `data_N`: inputs [B, T] and targets shifted by one. Jittable.
+
+  The batch is a pure function of `key`, so a run that derives `key` from
+  (seed, step) sees the same batches after a restart.
+  """
+  starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - context_len)
+  window = lambda s: jax.lax.dynamic_slice(data_N, (s,), (context_len + 1,))
+  seq_BT1 = jax.vmap(window)(starts_B).astype(jnp.int32)
+  return seq_BT1[:, :-1], seq_BT1[:, 1:]
+
+
+def eval_windows(n_tokens: int, context_len: int, max_windows: int | None = None) -> np.ndarray:
+  """Start offsets of non-overlapping windows covering a split (evenly thinned to
+  `max_windows`); each window scores the `context_len` tokens after its start."""
+  starts = np.arange(0, n_tokens - 1, context_len)
+  if max_windows is not None and starts.size > max_windows:
+    starts = starts[np.linspace(0, starts.size - 1, max_windows).round().astype(int)]
+  return starts

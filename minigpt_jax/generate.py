@@ -1,0 +1,143 @@
+"""Generation: prefill the KV cache with the prompt, then a `lax.scan` decode loop.
+
+Prompts are left-padded to a shared length P (a power-of-two bucket, so new
+prompt lengths rarely retrace), so every row writes the same cache slot at
+each decode step; `KVCache.start_B` masks each row's padding. The uncached
+path (`generate_uncached`) reruns the full forward pass over the whole
+buffer every step: it is the reference the cached path is tested against.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minigpt_jax.errors import UserError
+from minigpt_jax.model import KVCache, MiniGPT, ModelConfig
+from minigpt_jax.sampling import SamplingConfig, sample
+from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
+
+MIN_BUCKET = 16
+
+
+def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
+  """Runs the prompts through the model once. Returns (last logits [B, V], filled cache)."""
+  logits_BPV, cache = MiniGPT(cfg).apply({"params": params}, tokens_BP, cache=cache)
+  return logits_BPV[:, -1], cache
+
+
+def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
+           steps: int, sampling: SamplingConfig, stop_at_eos: bool = True):
+  """Samples `steps` tokens, one model call per step. Returns (tokens [B, steps], cache).
+
+  A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
+  """
+  model = MiniGPT(cfg)
+
+  def step(carry, t):
+    cache, logits_BV, done_B = carry
+    tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
+    tok_B = jnp.where(done_B, PAD_ID, tok_B)
+    if stop_at_eos:
+      done_B = done_B | (tok_B == EOS_ID)
+    logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
+    return (cache, logits_B1V[:, 0], done_B), tok_B
+
+  done_B = jnp.zeros(logits_BV.shape[:1], bool)
+  (cache, _, _), tokens_NB = jax.lax.scan(step, (cache, logits_BV, done_B), jnp.arange(steps))
+  return tokens_NB.T, cache
+
+
+def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: jax.Array,
+                      key: jax.Array, prompt_len: int, sampling: SamplingConfig,
+                      stop_at_eos: bool = True):
+  """Reference decode: the full forward pass over the fixed-size buffer at every step.
+
+  `buffer_BS` holds the left-padded prompts in its first `prompt_len` slots.
+  Returns tokens [B, S - prompt_len].
+  """
+  model = MiniGPT(cfg)
+  steps = buffer_BS.shape[1] - prompt_len
+
+  def step(carry, t):
+    buffer_BS, done_B = carry
+    logits_BSV, _ = model.apply({"params": params}, buffer_BS, start_B=start_B)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BSV, prompt_len - 1 + t, 1, keepdims=False)
+    tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
+    tok_B = jnp.where(done_B, PAD_ID, tok_B)
+    if stop_at_eos:
+      done_B = done_B | (tok_B == EOS_ID)
+    buffer_BS = jax.lax.dynamic_update_slice(buffer_BS, tok_B[:, None], (0, prompt_len + t))
+    return (buffer_BS, done_B), tok_B
+
+  done_B = jnp.zeros(buffer_BS.shape[:1], bool)
+  _, tokens_NB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
+  return tokens_NB.T
+
+
+prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))
+decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "sampling", "stop_at_eos"),
+                     donate_argnames=("cache",))
+generate_uncached_jit = jax.jit(
+    generate_uncached, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
+
+
+def bucket(n: int, limit: int) -> int:
+  """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
+  b = MIN_BUCKET
+  while b < n:
+    b *= 2
+  return max(n, min(b, limit))
+
+
+def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int):
+  """Left-pads encoded prompts (each led by `<eos>`, the start-of-file marker).
+
+  Returns (tokens [B, P] int32, start_B int32).
+  Raises UserError if a prompt plus the new tokens would not fit the context.
+  """
+  if max_new_tokens < 1:
+    raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  rows = [np.concatenate([[EOS_ID], np.asarray(p, np.int32)]) for p in prompts]
+  longest = max(len(r) for r in rows)
+  if longest + max_new_tokens > context_len:
+    raise UserError(
+        f"prompt of {longest - 1} chars + max_new_tokens {max_new_tokens} exceed the context "
+        f"length {context_len} (one slot holds the start marker); shorten the prompt or lower "
+        "max_new_tokens")
+  P = bucket(longest, context_len - max_new_tokens)
+  tokens_BP = np.full((len(rows), P), PAD_ID, np.int32)
+  start_B = np.array([P - len(r) for r in rows], np.int32)
+  for row, (r, s) in enumerate(zip(rows, start_B)):
+    tokens_BP[row, s:] = r
+  return tokens_BP, start_B
+
+
+def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
+                    sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
+                    stop_at_eos: bool = True) -> np.ndarray:
+  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens]."""
+  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
+  key = jax.random.key(seed)
+  B, P = tokens_BP.shape
+  if use_cache:
+    cache = KVCache.init(cfg, B, P + max_new_tokens, start_B)
+    logits_BV, cache = prefill_jit(params, cfg, jnp.asarray(tokens_BP), cache)
+    new_BN, _ = decode_jit(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
+                           stop_at_eos)
+  else:
+    buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
+    new_BN = generate_uncached_jit(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
+                                   key, P, sampling, stop_at_eos)
+  return np.asarray(new_BN)
+
+
+def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
+                  max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
+                  use_cache: bool = True, stop_at_eos: bool = True) -> list[str]:
+  """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`)."""
+  ids = [tok.encode(p) for p in prompts]
+  new_BN = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                           seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos)
+  return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BN]

@@ -1,0 +1,283 @@
+"""MiniGPT in flax.linen, built bottom-up: embeddings -> single-head attention ->
+multi-head attention -> FFN -> pre-norm block -> model.
+
+Shape key: B batch, T time (query slots), S cache slots, D model width, H heads,
+K head width, F FFN width, V vocabulary, L layers.
+
+One definition serves training, prefill and decode. A batch row may start with
+left padding: `start_B` is the slot of its first real token, positions count
+from there, and keys before it are masked. With a `KVCache`, the T new tokens
+go to slots `cache.index .. cache.index + T - 1`.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyperparameters (resolved: no "auto" left)."""
+
+  vocab_size: int = 99
+  context_len: int = 512
+  d_model: int = 512
+  n_layers: int = 8
+  n_heads: int = 8
+  d_ff: int = 2048
+  vocab_pad_multiple: int = 128  # LM head width is rounded up to this
+  compute_dtype: str = "float32"  # parameters are always float32
+  attention_impl: str = "xla"  # "xla" or "cudnn" (for the causal, cache-free path)
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+    if self.compute_dtype not in _DTYPES:
+      raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl must be xla or cudnn, got {self.attention_impl!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def padded_vocab(self) -> int:
+    m = max(1, self.vocab_pad_multiple)
+    return -(-self.vocab_size // m) * m
+
+  @property
+  def dtype(self):
+    return _DTYPES[self.compute_dtype]
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int, platform: Optional[str] = None) -> "ModelConfig":
+    """Builds from the `model` config section, resolving "auto" for `platform`."""
+    platform = platform or jax.default_backend()
+    accel = platform in ("gpu", "cuda", "rocm", "tpu")
+    dtype = model_cfg.compute_dtype
+    if dtype == "auto":
+      dtype = "bfloat16" if accel else "float32"
+    impl = model_cfg.attention_impl
+    if impl == "auto":
+      impl = "cudnn" if platform in ("gpu", "cuda") and dtype != "float32" else "xla"
+    return cls(vocab_size=vocab_size, context_len=model_cfg.context_len,
+               d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
+               n_heads=model_cfg.n_heads, d_ff=model_cfg.d_ff,
+               vocab_pad_multiple=model_cfg.vocab_pad_multiple,
+               compute_dtype=dtype, attention_impl=impl)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, passed into and returned from `MiniGPT.__call__`.
+
+  Slot j of row b holds the token at position j - start_B[b]; slots before
+  start_B[b] are left padding and never attended to.
+  """
+
+  k_LBSHK: jax.Array
+  v_LBSHK: jax.Array
+  start_B: jax.Array  # int32 [B]: slot of each row's first real token
+  index: jax.Array  # int32 []: next slot to write
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, slots: int, start_B=None) -> "KVCache":
+    shape = (cfg.n_layers, batch, slots, cfg.n_heads, cfg.head_dim)
+    start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
+    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), start_B,
+               jnp.zeros((), jnp.int32))
+
+
+def check_shape(module: nn.Module, name: str, x: jax.Array, expected: tuple) -> None:
+  """Raises at trace time if `x` does not match `expected` (None matches any size)."""
+  ok = x.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+  if not ok:
+    want = "(" + ", ".join("?" if e is None else str(e) for e in expected) + ")"
+    where = f"{type(module).__name__} '{module.name}'" if module.name else type(module).__name__
+    raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}, expected {want}")
+
+
+def _dense_init(scale: float = 1.0):
+  return nn.initializers.normal(stddev=0.02 * scale)
+
+
+def attention_mask(q_slots_T, k_slots_S, start_B):
+  """[B, 1, T, S] boolean: causal, no keys in the left padding (a pad query sees itself)."""
+  causal = k_slots_S[None, :] <= q_slots_T[:, None]
+  real = k_slots_S[None, None, :] >= start_B[:, None, None]
+  self_only = k_slots_S[None, :] == q_slots_T[:, None]
+  return (causal[None] & (real | self_only[None]))[:, None]
+
+
+class Embeddings(nn.Module):
+  """Token embedding plus learned position embedding."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, pos_BT):
+    cfg = self.cfg
+    check_shape(self, "tokens", tokens_BT, (None, None))
+    check_shape(self, "positions", pos_BT, tokens_BT.shape)
+    tok = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_dense_init(), name="token")
+    pos = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=_dense_init(), name="position")
+    x_BTD = tok(tokens_BT) + pos(pos_BT)
+    return x_BTD.astype(cfg.dtype)
+
+
+class SingleHeadAttention(nn.Module):
+  """One causal attention head, written out step by step: the reference that
+  `MultiHeadAttention` (fused) is tested against."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
+    dense = lambda name: nn.Dense(cfg.head_dim, dtype=cfg.dtype, kernel_init=_dense_init(), name=name)
+    q_BTK, k_BTK, v_BTK = dense("query")(x_BTD), dense("key")(x_BTD), dense("value")(x_BTD)
+    scores_BTT = jnp.einsum("btk,bsk->bts", q_BTK, k_BTK) / math.sqrt(cfg.head_dim)
+    T = x_BTD.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    scores_BTT = jnp.where(causal_TT, scores_BTT.astype(jnp.float32), -jnp.inf)
+    out_BTK = jnp.einsum("bts,bsk->btk", jax.nn.softmax(scores_BTT, -1).astype(cfg.dtype), v_BTK)
+    check_shape(self, "output", out_BTK, x_BTD.shape[:2] + (cfg.head_dim,))
+    return out_BTK
+
+
+class MultiHeadAttention(nn.Module):
+  """All heads in one fused projection and one `jax.nn.dot_product_attention` call."""
+
+  cfg: ModelConfig
+  layer: int = 0  # which slice of the KV cache this layer owns
+
+  @nn.compact
+  def __call__(self, x_BTD, start_B=None, cache: Optional[KVCache] = None):
+    cfg = self.cfg
+    B, T, _ = x_BTD.shape
+    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
+    qkv_BT3HK = nn.DenseGeneral((3, cfg.n_heads, cfg.head_dim), dtype=cfg.dtype,
+                                kernel_init=_dense_init(), name="qkv")(x_BTD)
+    q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
+
+    if cache is None and start_B is None:  # training: plain causal, cuDNN flash where asked
+      out_BTHK = jax.nn.dot_product_attention(
+          q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation=cfg.attention_impl)
+    else:
+      if cache is None:  # full forward over left-padded rows
+        q_slots_T = jnp.arange(T)
+        keys_BSHK, values_BSHK, k_slots_S = k_BTHK, v_BTHK, q_slots_T
+      else:
+        check_shape(self, "cached keys", cache.k_LBSHK,
+                    (cfg.n_layers, B, None, cfg.n_heads, cfg.head_dim))
+        idx = (self.layer, 0, cache.index, 0, 0)
+        cache = cache.replace(
+            k_LBSHK=jax.lax.dynamic_update_slice(cache.k_LBSHK, k_BTHK[None].astype(cache.k_LBSHK.dtype), idx),
+            v_LBSHK=jax.lax.dynamic_update_slice(cache.v_LBSHK, v_BTHK[None].astype(cache.v_LBSHK.dtype), idx))
+        keys_BSHK, values_BSHK = cache.k_LBSHK[self.layer], cache.v_LBSHK[self.layer]
+        q_slots_T = cache.index + jnp.arange(T)
+        k_slots_S = jnp.arange(keys_BSHK.shape[1])
+        start_B = cache.start_B
+      mask_B1TS = attention_mask(q_slots_T, k_slots_S, start_B)
+      out_BTHK = jax.nn.dot_product_attention(
+          q_BTHK, keys_BSHK.astype(cfg.dtype), values_BSHK.astype(cfg.dtype),
+          mask=mask_B1TS, implementation="xla")
+
+    check_shape(self, "attention output", out_BTHK, (B, T, cfg.n_heads, cfg.head_dim))
+    y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="out",
+                            kernel_init=_dense_init(1 / math.sqrt(2 * cfg.n_layers)))(out_BTHK)
+    return y_BTD, cache
+
+
+class FeedForward(nn.Module):
+  """Dense -> GELU -> Dense."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
+    h_BTF = nn.Dense(cfg.d_ff, dtype=cfg.dtype, kernel_init=_dense_init(), name="up")(x_BTD)
+    h_BTF = jax.nn.gelu(h_BTF)
+    y_BTD = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="down",
+                     kernel_init=_dense_init(1 / math.sqrt(2 * cfg.n_layers)))(h_BTF)
+    check_shape(self, "output", y_BTD, x_BTD.shape)
+    return y_BTD
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+  cfg: ModelConfig
+  layer: int = 0
+
+  @nn.compact
+  def __call__(self, x_BTD, start_B=None, cache: Optional[KVCache] = None):
+    cfg = self.cfg
+    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
+    h_BTD, cache = MultiHeadAttention(cfg, self.layer, name="attn")(
+        nn.LayerNorm(dtype=cfg.dtype, name="ln1")(x_BTD), start_B, cache)
+    x_BTD = x_BTD + h_BTD
+    x_BTD = x_BTD + FeedForward(cfg, name="ffn")(nn.LayerNorm(dtype=cfg.dtype, name="ln2")(x_BTD))
+    return x_BTD, cache
+
+
+class MiniGPT(nn.Module):
+  """Decoder-only transformer. Returns float32 logits [B, T, V] and the updated cache."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, start_B=None, cache: Optional[KVCache] = None):
+    cfg = self.cfg
+    check_shape(self, "tokens", tokens_BT, (None, None))
+    B, T = tokens_BT.shape
+    if cache is None and T > cfg.context_len:
+      raise ValueError(f"MiniGPT: {T} tokens exceed the context length {cfg.context_len}")
+    slots_T = jnp.arange(T) if cache is None else cache.index + jnp.arange(T)
+    if cache is not None:
+      start_B = cache.start_B
+    if start_B is None:
+      pos_BT = jnp.broadcast_to(slots_T, (B, T))
+    else:
+      check_shape(self, "start", start_B, (B,))
+      pos_BT = jnp.clip(slots_T[None, :] - start_B[:, None], 0, cfg.context_len - 1)
+
+    x_BTD = Embeddings(cfg, name="embed")(tokens_BT, pos_BT)
+    for i in range(cfg.n_layers):
+      x_BTD, cache = Block(cfg, layer=i, name=f"block_{i}")(x_BTD, start_B, cache)
+    x_BTD = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
+    logits_BTV = nn.Dense(cfg.padded_vocab, use_bias=False, dtype=cfg.dtype,
+                          kernel_init=_dense_init(), name="lm_head")(x_BTD)
+    logits_BTV = logits_BTV.astype(jnp.float32)[..., :cfg.vocab_size]
+    if cache is not None:
+      cache = cache.replace(index=cache.index + T)
+    check_shape(self, "logits", logits_BTV, (B, T, cfg.vocab_size))
+    return logits_BTV, cache
+
+
+def init_params(cfg: ModelConfig, key: jax.Array):
+  """Float32 parameters for `cfg`."""
+  tokens = jnp.zeros((1, min(8, cfg.context_len)), jnp.int32)
+  return MiniGPT(cfg).init(key, tokens)["params"]
+
+
+def param_count(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+  """Training FLOPs per token: 6 * (non-embedding matmul params incl. LM head) + 12 * L * D * T."""
+  per_layer = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff
+  matmul = cfg.n_layers * per_layer + cfg.d_model * cfg.padded_vocab
+  return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.d_model * cfg.context_len

@@ -1,0 +1,101 @@
+"""Character tokenizer over printable ASCII, newline and tab, plus <pad> and <eos>."""
+
+import dataclasses
+import string
+
+import numpy as np
+
+from minigpt_jax.errors import UserError
+
+PAD, EOS = "<pad>", "<eos>"
+PAD_ID, EOS_ID = 0, 1
+# Ids 0 and 1 are the specials; characters follow in a fixed, documented order.
+CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))
+_MISSING = 255  # marks bytes outside the vocabulary in the lookup table
+
+
+class TokenizerError(UserError, ValueError):
+  """Text holds characters the vocabulary cannot encode."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+  """Maps text to ids and back: `decode(encode(s)) == s` for every encodable `s`.
+
+  Ids: 0 `<pad>`, 1 `<eos>`, then tab, newline and printable ASCII (99 in all).
+  """
+
+  chars: str = CHARS
+
+  def __post_init__(self):
+    lut = np.full(256, _MISSING, np.uint8)
+    for i, ch in enumerate(self.chars):
+      lut[ord(ch)] = i + 2
+    object.__setattr__(self, "_lut", lut)
+    object.__setattr__(self, "_itos", np.array([""] * 2 + list(self.chars), dtype=object))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.chars) + 2
+
+  def encode(self, text: str, errors: str = "strict") -> np.ndarray:
+    """Encodes `text` to uint8 ids.
+
+    Args:
+      text: the text.
+      errors: as in Python codecs: "strict" raises `TokenizerError` naming the
+        characters and their positions, "replace" maps them to "?", "ignore"
+        drops them.
+    Returns:
+      ids, shape [len(text)] ("ignore" may make it shorter).
+    """
+    codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    ids = self._lut[np.minimum(codepoints, 255)]  # lut[255] is _MISSING
+    bad = np.flatnonzero(ids == _MISSING)
+    if bad.size == 0:
+      return ids
+    if errors == "strict":
+      shown = ", ".join(f"{text[i]!r} at {i}" for i in bad[:5])
+      more = f" and {bad.size - 5} more" if bad.size > 5 else ""
+      raise TokenizerError(
+          f"{bad.size} character(s) outside the vocabulary (printable ASCII, "
+          f"newline, tab): {shown}{more}")
+    if errors == "replace":
+      ids = ids.copy()
+      ids[bad] = self._lut[ord("?")]
+      return ids
+    if errors == "ignore":
+      return np.delete(ids, bad)
+    raise ValueError(f"unknown errors policy {errors!r}: use strict, replace or ignore")
+
+  def decode(self, ids, stop_at_eos: bool = False) -> str:
+    """Decodes ids to text; `<pad>` decodes to nothing and `<eos>` to "<eos>"."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if stop_at_eos:
+      hits = np.flatnonzero(ids == EOS_ID)
+      if hits.size:
+        ids = ids[: hits[0]]
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      raise ValueError(f"ids out of range [0, {self.vocab_size}): {ids.min()}..{ids.max()}")
+    pieces = self._itos[ids]
+    pieces[ids == EOS_ID] = EOS
+    return "".join(pieces)
+
+  def encode_bytes(self, raw: bytes) -> tuple[np.ndarray, int]:
+    """Encodes ASCII bytes for the corpus builder, dropping what is not in the vocabulary.
+
+    Returns:
+      (ids, number of bytes dropped).
+    """
+    ids = self._lut[np.frombuffer(raw, np.uint8)]
+    keep = ids != _MISSING
+    return ids[keep], int(ids.size - keep.sum())
+
+  def to_dict(self) -> dict:
+    return {"kind": "char", "chars": self.chars, "specials": [PAD, EOS]}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "CharTokenizer":
+    if d.get("kind") != "char" or d.get("specials") != [PAD, EOS]:
+      raise UserError(f"unsupported tokenizer description: {d!r:.80}")
+    return cls(chars=d["chars"])

@@ -1,0 +1,296 @@
+"""Training: the optimizer, a pure `train_step`, evaluation, and the loop that wires
+them to the mesh, the checkpoints and the logs."""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from minigpt_jax import checkpoint, data, hardware, report, sharding
+from minigpt_jax.errors import UserError
+from minigpt_jax.generate import generate_text
+from minigpt_jax.model import MiniGPT, ModelConfig, flops_per_token, init_params, param_count
+from minigpt_jax.sampling import SamplingConfig
+from minigpt_jax.tokenizer import CharTokenizer
+
+# Config fields a resumed run may change; any other difference is refused.
+RESUMABLE_CHANGES = ("workdir", "run_name", "data.dir", "data.rebuild", "train.steps",
+                     "train.stop_at_step", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "train.ckpt_every", "train.keep",
+                     "train.debug_recompiles", "sample", "mesh")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def decay_mask(params):
+  """Weight decay on matmul kernels only; not on biases, norms or embeddings."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at train.steps."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, train_cfg.lr, train_cfg.warmup_steps, max(train_cfg.steps, train_cfg.warmup_steps + 1),
+      end_value=train_cfg.lr * train_cfg.min_lr_ratio)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+
+
+def loss_fn(params, cfg: ModelConfig, inputs_BT, targets_BT, weights_BT=None):
+  """Mean cross-entropy in nats per token (weighted if `weights_BT` is given)."""
+  logits_BTV, _ = MiniGPT(cfg).apply({"params": params}, inputs_BT)
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  if weights_BT is None:
+    return ce_BT.mean()
+  return (ce_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1)
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  params = init_params(cfg, key)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding=None):
+  """One optimizer step on the batch fixed by (seed, step). Returns (state, metrics)."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+  inputs_BT, targets_BT = data.get_batch(train_N, key, batch_size, cfg.context_len)
+  if batch_sharding is not None:
+    inputs_BT = jax.lax.with_sharding_constraint(inputs_BT, batch_sharding)
+    targets_BT = jax.lax.with_sharding_constraint(targets_BT, batch_sharding)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, split_N: jax.Array, starts_B: jax.Array, *, cfg: ModelConfig):
+  """Summed nats and token count of the windows at `starts_B` (a window past the end scores 0)."""
+  n = split_N.shape[0]
+  idx_BT1 = starts_B[:, None] + jnp.arange(cfg.context_len + 1)
+  valid_BT1 = idx_BT1 < n
+  seq_BT1 = split_N[jnp.minimum(idx_BT1, n - 1)].astype(jnp.int32)
+  logits_BTV, _ = MiniGPT(cfg).apply({"params": params}, seq_BT1[:, :-1])
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, seq_BT1[:, 1:])
+  w_BT = valid_BT1[:, 1:].astype(jnp.float32)
+  return (ce_BT * w_BT).sum(), w_BT.sum()
+
+
+def evaluate_split(eval_fn, params, split_N: jax.Array, context_len: int, batch_size: int,
+                   max_windows=None) -> tuple[float, int]:
+  """Mean nats per token over non-overlapping windows of a split (all of it by default).
+
+  Deterministic: the windows depend only on the split's length. Returns (nats, tokens).
+  """
+  starts = data.eval_windows(split_N.shape[0], context_len, max_windows)
+  pad = -starts.size % batch_size
+  starts = np.concatenate([starts, np.full(pad, split_N.shape[0], starts.dtype)])
+  total, count = 0.0, 0.0
+  for i in range(0, starts.size, batch_size):
+    s, c = eval_fn(params, split_N, jnp.asarray(starts[i:i + batch_size], jnp.int32))
+    total, count = total + s, count + c
+  total, count = jax.device_get((total, count))
+  return float(total) / max(float(count), 1.0), int(count)
+
+
+def _flat(cfg: ml_collections.ConfigDict) -> dict:
+  out = {}
+  def walk(d, prefix):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
+  walk(cfg.to_dict(), "")
+  return out
+
+
+def check_resumable(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, run_dir):
+  old, new = _flat(saved), _flat(config)
+  free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)
+  diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
+  if diffs:
+    shown = "; ".join(f"{k}: run has {old.get(k)!r}, config has {new.get(k)!r}" for k in diffs[:3])
+    raise UserError(f"{run_dir} holds a run with another config ({shown}); resume it with its "
+                    "own config or pick another --config.run_name")
+
+
+@dataclasses.dataclass
+class RunSummary:
+  run_dir: pathlib.Path
+  first_step: int
+  last_step: int
+  train_losses: dict  # step -> loss, as logged
+  val_losses: dict  # step -> loss
+
+
+def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
+  """Trains (or resumes) the run `config.workdir/config.run_name`."""
+  if config.train.debug_recompiles:
+    jax.config.update("jax_log_compiles", True)
+  if config.mesh.distributed:
+    jax.distributed.initialize()
+  lead = jax.process_index() == 0
+  say = log if lead else (lambda *_: None)
+  if config.train.steps < 1 or config.train.batch_size < 1:
+    raise UserError("train.steps and train.batch_size must be >= 1")
+
+  tok = CharTokenizer()
+  splits, manifest = data.load_corpus(config.data, tok, log=say)
+  cfg = ModelConfig.from_config(config.model, tok.vocab_size)
+  for s in data.SPLITS:
+    if splits[s].size <= cfg.context_len + 1:
+      raise UserError(f"the {s} split has {splits[s].size} tokens, fewer than one window of "
+                      f"{cfg.context_len + 1}; add sources or lower model.context_len")
+  mesh = sharding.make_mesh(config.mesh)
+  if config.train.batch_size % mesh.size:
+    raise UserError(f"train.batch_size {config.train.batch_size} is not divisible by the "
+                    f"{mesh.size} devices of the mesh")
+
+  run_dir = pathlib.Path(config.workdir) / config.run_name
+  run_dir.mkdir(parents=True, exist_ok=True)
+  mngr = checkpoint.manager(run_dir, keep=config.train.keep)
+  saved_cfg_path = run_dir / "config.json"
+  if saved_cfg_path.exists():
+    check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
+  elif lead:
+    saved_cfg_path.write_text(config.to_json(indent=1))
+    (run_dir / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
+
+  tx = make_optimizer(config.train)
+  abstract = jax.eval_shape(lambda k: init_state(cfg, tx, k), jax.random.key(config.seed))
+  state_sh = TrainState(sharding.replicated(mesh), sharding.state_shardings(mesh, abstract.params),
+                        sharding.state_shardings(mesh, abstract.opt_state))
+  start = mngr.latest_step()
+  if start is None:
+    state = jax.jit(lambda k: init_state(cfg, tx, k), out_shardings=state_sh)(
+        jax.random.key(config.seed))
+    start = 0
+  else:
+    with_sh = lambda t, s: jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
+    got = checkpoint.restore(mngr, start, {"params": with_sh(abstract.params, state_sh.params),
+                                           "opt_state": with_sh(abstract.opt_state, state_sh.opt_state)})
+    state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
+                       got["params"], got["opt_state"])
+    say(f"resuming {run_dir} from step {start}")
+
+  n_params = param_count(abstract.params)
+  fpt = flops_per_token(cfg)
+  say(f"model: {n_params:,} parameters, {fpt / 1e6:.1f} MFLOP/token, compute {cfg.compute_dtype}, "
+      f"attention {cfg.attention_impl}; devices: {jax.device_count()} x "
+      f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
+
+  train_N = sharding.put_replicated(mesh, splits["train"])
+  val_N = sharding.put_replicated(mesh, splits["val"])
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+  step_fn = jax.jit(
+      functools.partial(train_step, cfg=cfg, tx=tx, batch_size=config.train.batch_size,
+                        seed=config.seed, batch_sharding=batch_sh),
+      in_shardings=(state_sh, sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
+
+  end = config.train.steps
+  if config.train.stop_at_step:
+    end = min(end, config.train.stop_at_step)
+  metrics_log = report.MetricsLog(run_dir / "metrics.jsonl", enabled=lead)
+  progress = report.Progress(start, config.train.steps, enabled=lead)
+  tokens_per_step = config.train.batch_size * cfg.context_len
+  summary = RunSummary(run_dir, start, start, {}, {})
+  sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
+                            top_p=config.sample.top_p)
+
+  def check_finite(step, metrics):
+    if not math.isfinite(metrics["loss"]):
+      raise UserError(f"loss is {metrics['loss']} at step {step}; stopped (last checkpoint: step "
+                      f"{mngr.latest_step()}). Lower train.lr or check the data")
+
+  make_lr = lr_schedule(config.train)
+
+  def log_train(step, metrics, t_last, step_last):
+    metrics = {k: float(v) for k, v in metrics.items()}
+    check_finite(step, metrics)
+    now = time.perf_counter()
+    tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+    util = hardware.mfu(fpt, tok_s)
+    lr = float(make_lr(step))
+    metrics_log.write({"kind": "train", "step": step, "tokens": step * tokens_per_step,
+                       "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": lr,
+                       "tokens_per_s": tok_s, "mfu": util, "time": time.time()})
+    summary.train_losses[step] = metrics["loss"]
+    mfu_text = f" mfu {util:.1%}" if util is not None else ""
+    progress.update(step, f"loss {metrics['loss']:.4f} | {tok_s:,.0f} tok/s{mfu_text}")
+    return now, step
+
+  def evaluate_and_sample(step):
+    val, _ = evaluate_split(eval_fn, state.params, val_N, cfg.context_len,
+                            config.train.batch_size, config.train.eval_batches * config.train.batch_size)
+    summary.val_losses[step] = val
+    record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val,
+              "val_bpc": val / math.log(2)}
+    progress.message(f"step {step}: val loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)")
+    if config.sample.num_samples > 0 and lead:
+      texts = generate_text(
+          state.params, cfg, tok, [config.sample.prompt] * config.sample.num_samples,
+          max_new_tokens=min(config.sample.max_new_tokens, cfg.context_len - len(config.sample.prompt) - 1),
+          sampling=sampling, seed=step)
+      record["samples"] = [config.sample.prompt + t for t in texts]
+      for i, t in enumerate(record["samples"]):
+        progress.message(f"--- sample {i} at step {step} ---\n{t}\n---")
+    metrics_log.write(record)
+
+  def save(step):
+    checkpoint.save(mngr, step, state.params, state.opt_state,
+                    {"step": step, "corpus_sha256": manifest["splits"]["train"]["sha256"]})
+
+  t_last, step_last, pending = time.perf_counter(), start, None
+  step = start
+  while step < end:
+    state, metrics = step_fn(state, train_N)
+    step += 1
+    if pending is not None:  # fetched one step late: the device never waits for the host
+      t_last, step_last = log_train(pending[0], jax.device_get(pending[1]), t_last, step_last)
+      pending = None
+    if step % config.train.log_every == 0 or step == end:
+      pending = (step, metrics)
+    if step % config.train.eval_every == 0 or step % config.train.ckpt_every == 0 or step == end:
+      if pending is not None:
+        t_last, step_last = log_train(pending[0], jax.device_get(pending[1]), t_last, step_last)
+        pending = None
+      else:
+        check_finite(step, {"loss": float(metrics["loss"])})
+      if step % config.train.ckpt_every == 0 or step == end:
+        save(step)
+      if step % config.train.eval_every == 0 or step == end:
+        evaluate_and_sample(step)
+      t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
+  summary.last_step = step
+  mngr.wait_until_finished()
+  mngr.close()
+  progress.close()
+  if start == end:
+    say(f"{run_dir} is already at step {end}; raise --config.train.steps to train further")
+  else:
+    say(f"done: step {step}, checkpoints in {run_dir / 'ckpt'}")
+  return summary

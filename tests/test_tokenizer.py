@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minigpt_jax.tokenizer import CHARS, EOS_ID, PAD_ID, CharTokenizer, TokenizerError
+
+tok = CharTokenizer()
+encodable = st.text(alphabet=st.sampled_from(CHARS), max_size=300)
+
+
+@given(encodable)
+def test_round_trip(text):
+  ids = tok.encode(text)
+  assert ids.shape == (len(text),)
+  assert tok.decode(ids) == text
+
+
+def test_vocab_layout():
+  assert tok.vocab_size == 99  # 95 printable + \n + \t + <pad> + <eos>
+  assert PAD_ID == 0 and EOS_ID == 1
+  ids = tok.encode("\t\n ~")
+  assert len(set(ids.tolist())) == 4 and ids.min() >= 2 and ids.max() == tok.vocab_size - 1
+
+
+def test_out_of_vocab_names_characters_and_positions():
+  with pytest.raises(TokenizerError) as e:
+    tok.encode("x = 'é'\x07")
+  msg = str(e.value)
+  assert "'é' at 5" in msg and "'\\x07' at 7" in msg and "2 character(s)" in msg
+
+
+def test_out_of_vocab_policies():
+  assert tok.decode(tok.encode("aé\rb", errors="replace")) == "a??b"
+  assert tok.decode(tok.encode("aé\rb", errors="ignore")) == "ab"
+
+
+def test_decode_specials_and_eos_stop():
+  ids = np.concatenate([tok.encode("ab"), [EOS_ID], tok.encode("cd"), [PAD_ID]])
+  assert tok.decode(ids) == "ab<eos>cd"
+  assert tok.decode(ids, stop_at_eos=True) == "ab"
+
+
+def test_serialisation_round_trip():
+  assert CharTokenizer.from_dict(tok.to_dict()) == tok
