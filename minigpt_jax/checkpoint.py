@@ -20,8 +20,11 @@ from minigpt_jax.tokenizer import CharTokenizer
 
 
 def manager(run_dir: pathlib.Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
+  """A manager for training (keeps the last `keep`) or, with `read_only`, for loading only."""
+  if read_only:  # not Orbax's read_only option, which warns on every use; this one never saves
+    options = ocp.CheckpointManagerOptions(create=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
 
 

@@ -5,6 +5,8 @@ Units: sizes of text in characters (= tokens), schedules in optimizer steps.
 
 from ml_collections import ConfigDict
 
+from minigpt_jax.errors import UserError
+
 
 def base_config() -> ConfigDict:
   """The ~25M-parameter model of the design card, trained on a GPU."""
@@ -61,7 +63,56 @@ def base_config() -> ConfigDict:
   c.sample.top_p = 0.95  # 1.0 = off
 
   c.mesh = ConfigDict()  # device mesh; -1 = all remaining devices
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.mesh.data = -1  # data-parallel replicas (devices); the batch is split over data x fsdp
+  c.mesh.fsdp = 1  # devices each large parameter (and its Adam state) is split over
+  # Multi-process (one process per host or per GPU): jax.distributed.initialize().
+  # Left empty, each of the three comes from JAX's own detection: Slurm, Open MPI,
+  # Cloud TPU, or JAX_COORDINATOR_ADDRESS for the address.
+  c.mesh.distributed = False
+  c.mesh.coordinator_address = ""  # "host:port" of process 0, reachable by all; "" = detect
+  c.mesh.num_processes = 0  # 0 = detect
+  c.mesh.process_id = -1  # 0 .. num_processes - 1; -1 = detect
   return c
+
+
+def load(flag_holder) -> ConfigDict:
+  """The value of a `config_flags` flag, with load failures as a `UserError`."""
+  try:
+    config = flag_holder.value
+    if config is not None:
+      config.keys()  # a failed load raises here
+  except OSError as e:  # ml_collections defers a failed load to the first access
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    raise UserError(f"cannot load the config file: {lines[-1] if lines else e}")
+  if config is None:
+    raise UserError("--config is required, e.g. --config configs/small.py")
+  validate(config)
+  return config
+
+
+def validate(c: ConfigDict) -> None:
+  """Catches values of the right type but the wrong kind, before any work starts."""
+  roots = c.data.roots
+  if not isinstance(roots, (tuple, list)) or not roots or not all(isinstance(r, str) for r in roots):
+    raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")
+  positive = {"model.context_len": c.model.context_len, "model.d_model": c.model.d_model,
+              "model.n_layers": c.model.n_layers, "model.n_heads": c.model.n_heads,
+              "model.d_ff": c.model.d_ff, "train.steps": c.train.steps,
+              "train.batch_size": c.train.batch_size, "train.log_every": c.train.log_every,
+              "train.eval_every": c.train.eval_every, "train.ckpt_every": c.train.ckpt_every,
+              "train.keep": c.train.keep, "train.eval_batches": c.train.eval_batches}
+  for name, value in positive.items():
+    if not isinstance(value, int) or value < 1:
+      raise UserError(f"{name} must be a positive integer, got {value!r}")
+  if c.model.d_model % c.model.n_heads:
+    raise UserError(f"model.d_model {c.model.d_model} is not divisible by model.n_heads "
+                    f"{c.model.n_heads}")
+  if not 0 < c.data.val_fraction < 1:
+    raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
+  if c.model.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+    raise UserError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, "
+                    f"got {c.model.compute_dtype!r}")
+  if c.model.attention_impl not in ("auto", "xla", "cudnn"):
+    raise UserError(f"model.attention_impl must be auto, xla or cudnn, got {c.model.attention_impl!r}")
+  if not c.run_name or "/" in c.run_name:
+    raise UserError(f"run_name must be a plain folder name, got {c.run_name!r}")

@@ -3,6 +3,7 @@
 from absl import flags
 from ml_collections import config_flags
 
+from minigpt_jax.config import load as load_config, validate
 from minigpt_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -15,14 +16,13 @@ _RUN_NAME = flags.DEFINE_string("run_name", None, "Run directory name (overrides
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = _CONFIG.value
-  if config is None:
-    raise UserError("--config is required, e.g. --config configs/small.py")
+  config = load_config(_CONFIG)
   with config.unlocked():
     if _WORKDIR.value:
       config.workdir = _WORKDIR.value
     if _RUN_NAME.value:
       config.run_name = _RUN_NAME.value
+  validate(config)
   from minigpt_jax.training import train  # after flag parsing: --help stays fast
   train(config)
 

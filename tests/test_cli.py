@@ -1,0 +1,124 @@
+"""The train and sample commands, run as a user would, in fresh processes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_module, tiny_flags
+from minigpt_jax import checkpoint, report
+
+
+def _ok(proc):
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  err = proc.stderr.strip().splitlines()
+  assert len(err) <= 2, proc.stderr  # absl may add a "--helpshort" hint line
+  for f in fragments:
+    assert f in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_dir):
+  """A tiny run trained by the CLI, shared by the tests below (they only read it)."""
+  tmp = tmp_path_factory.mktemp("cli")
+  proc = _ok(run_module("minigpt_jax.train", *tiny_flags(tmp, corpus_dir)))
+  return tmp, tmp / "runs" / "tiny", proc
+
+
+def test_train_cli_writes_a_complete_run(trained_run):
+  _, run, proc = trained_run
+  assert "25,120 parameters" in proc.stdout or "parameters" in proc.stdout
+  assert "done: step 20" in proc.stdout
+  assert (run / "config.json").exists() and (run / "tokenizer.json").exists()
+  assert sorted(p.name for p in (run / "ckpt").iterdir() if p.name.isdigit()) == ["10", "20"]
+  rows = report.read_metrics(run / "metrics.jsonl")
+  train = [r for r in rows if r["kind"] == "train"]
+  evals = [r for r in rows if r["kind"] == "eval"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20]
+  assert [r["step"] for r in evals] == [10, 20] and evals[0]["samples"][0].startswith("def ")
+  assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+
+
+def test_exact_resume_across_processes(tmp_path, corpus_dir):
+  """2N steps straight == N steps, a new process, N more: same losses and parameters, bit for bit."""
+  common = ["--config.train.log_every=1", "--config.sample.num_samples=0"]
+  straight = tmp_path / "straight"
+  _ok(run_module("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common)))
+  split = tmp_path / "split"
+  first = _ok(run_module("minigpt_jax.train",
+                         *tiny_flags(split, corpus_dir, *common, "--config.train.stop_at_step=10")))
+  assert "done: step 10" in first.stdout
+  second = _ok(run_module("minigpt_jax.train", *tiny_flags(split, corpus_dir, *common)))
+  assert "resuming" in second.stdout and "from step 10" in second.stdout
+
+  loss = lambda d: {r["step"]: r["loss"] for r in report.read_metrics(d / "runs/tiny/metrics.jsonl")
+                    if r["kind"] == "train"}
+  assert sorted(loss(split)) == list(range(1, 21))
+  assert loss(split) == loss(straight)
+  a = checkpoint.load_for_inference(str(straight / "runs/tiny"))[0]
+  b = checkpoint.load_for_inference(str(split / "runs/tiny"))[0]
+  import jax
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sample_cli_greedy_cached_equals_uncached(trained_run):
+  _, run, _ = trained_run
+  args = ["--checkpoint", str(run), "--prompt", "def ", "--prompt", "class A:\n", "--greedy",
+          "--max_new_tokens", "12", "--json", "--nostop_at_eos"]
+  cached = json.loads(_ok(run_module("minigpt_jax.sample", *args)).stdout)
+  uncached = json.loads(_ok(run_module("minigpt_jax.sample", *args, "--no_cache")).stdout)
+  assert cached["step"] == 20 and cached["cache"] and not uncached["cache"]
+  texts = [s["text"] for s in cached["samples"]]
+  assert texts == [s["text"] for s in uncached["samples"]]
+  assert len(texts) == 2 and all(len(t) == 12 for t in texts)
+
+
+def test_sample_cli_same_seed_same_text_and_step_selection(trained_run):
+  _, run, _ = trained_run
+  args = ["--checkpoint", str(run / "ckpt" / "10"), "--num_samples", "2", "--seed", "3",
+          "--max_new_tokens", "20", "--top_k", "10"]
+  a = _ok(run_module("minigpt_jax.sample", *args))
+  b = _ok(run_module("minigpt_jax.sample", *args))
+  assert a.stdout == b.stdout and "=== prompt 0, sample 1 ===" in a.stdout
+  assert "[step 10," in a.stderr
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--config.train.stepz=5"], ["stepz"]),
+    (["--config.model.d_model=abc"], ["d_model"]),
+])
+def test_train_config_mistakes_are_one_line_errors(tmp_path, corpus_dir, args, fragments):
+  _one_line_error(run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir, *args)),
+                  *fragments)
+
+
+def test_train_missing_config_file(tmp_path):
+  _one_line_error(run_module("minigpt_jax.train", "--config", str(tmp_path / "nope.py")), "nope.py")
+
+
+def test_train_empty_corpus(tmp_path, corpus_dir):
+  (tmp_path / "empty").mkdir()
+  proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
+  _one_line_error(proc, "error: the corpus has no train text")
+  assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--checkpoint", "/nonexistent/run"], "does not exist"),
+    (["--step", "7"], "no checkpoint for step 7"),
+    (["--prompt", "caf\u00e9"], "'\u00e9' at 3"),
+    (["--max_new_tokens", "100"], "exceed the context length 32"),
+    (["--temperature", "0"], "temperature must be > 0"),
+])
+def test_sample_bad_input_is_a_one_line_error(trained_run, args, fragment):
+  _, run, _ = trained_run
+  base = [] if "--checkpoint" in args else ["--checkpoint", str(run)]
+  proc = run_module("minigpt_jax.sample", *base, *args)
+  _one_line_error(proc, fragment)
+  assert proc.returncode == 2

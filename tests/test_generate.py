@@ -1,0 +1,166 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minigpt_jax import generate
+from minigpt_jax.errors import UserError
+from minigpt_jax.model import KVCache, MiniGPT, ModelConfig, init_params
+from minigpt_jax.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
+from minigpt_jax.tokenizer import CharTokenizer, TokenizerError
+
+CFG = ModelConfig(vocab_size=99, context_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                  vocab_pad_multiple=1)
+PARAMS = init_params(CFG, jax.random.key(0))
+GREEDY = SamplingConfig(greedy=True)
+tok = CharTokenizer()
+
+
+def _random_prompt(n, seed):
+  return np.asarray(jax.random.randint(jax.random.key(seed), (n,), 2, 99))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 15, 16, 40])  # 15 + marker fills the 16 bucket
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])  # bf16: measured max |diff| 2e-3 on logits of ~0.5
+def test_cached_logits_equal_full_forward(prompt_len, dtype, tol):
+  """Prefill + N decode steps give the logits of the full forward pass over the same tokens."""
+  cfg = ModelConfig(**{**CFG.__dict__, "compute_dtype": dtype})
+  steps = 64 - prompt_len - 1 - 2  # within 3 slots of the context limit
+  tokens_BP, start_B = generate.pad_prompts([_random_prompt(prompt_len, prompt_len)], steps,
+                                            cfg.context_len)
+  P = tokens_BP.shape[1]
+  follow = np.asarray(jax.random.randint(jax.random.key(9), (1, steps), 2, 99))
+  seq = jnp.asarray(np.concatenate([tokens_BP, follow], axis=1))
+
+  full, _ = MiniGPT(cfg).apply({"params": PARAMS}, seq, start_B=jnp.asarray(start_B))
+  cache = KVCache.init(cfg, 1, P + steps, start_B)
+  first, cache = MiniGPT(cfg).apply({"params": PARAMS}, seq[:, :P], cache=cache)
+  got = [first[:, -1]]
+  step = jax.jit(lambda tok, cache: MiniGPT(cfg).apply({"params": PARAMS}, tok, cache=cache))
+  for t in range(steps - 1):
+    logits, cache = step(seq[:, P + t:P + t + 1], cache)
+    got.append(logits[:, 0])
+  np.testing.assert_allclose(jnp.stack(got, 1), full[:, P - 1:-1], atol=tol, rtol=tol)
+  assert int(cache.index) == P + steps - 1
+
+
+def test_cache_is_written_where_the_model_says():
+  cache = KVCache.init(CFG, 2, 20)
+  _, cache = MiniGPT(CFG).apply({"params": PARAMS}, jnp.ones((2, 7), jnp.int32), cache=cache)
+  k = np.asarray(cache.k_LBSHK)
+  assert int(cache.index) == 7
+  assert np.abs(k[:, :, :7]).sum(axis=(0, 1, 3, 4)).min() > 0
+  assert np.abs(k[:, :, 7:]).max() == 0
+
+
+def test_greedy_cached_and_uncached_sequences_identical():
+  prompts = [_random_prompt(n, n) for n in (1, 5, 20)]
+  a = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=30, sampling=GREEDY,
+                               stop_at_eos=False)
+  b = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=30, sampling=GREEDY,
+                               stop_at_eos=False, use_cache=False)
+  assert a.shape == (3, 30)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_batched_ragged_equals_one_by_one():
+  prompts = [_random_prompt(n, 100 + n) for n in (3, 17, 9)]
+  together = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=25, sampling=GREEDY,
+                                      stop_at_eos=False)
+  for row, p in enumerate(prompts):
+    alone = generate.generate_tokens(PARAMS, CFG, [p], max_new_tokens=25, sampling=GREEDY,
+                                     stop_at_eos=False)
+    np.testing.assert_array_equal(together[row], alone[0])
+
+
+def test_same_seed_same_output_and_other_seed_differs():
+  s = SamplingConfig(temperature=1.0)
+  p = [tok.encode("def ")] * 2
+  a = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=40, sampling=s, seed=1)
+  b = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=40, sampling=s, seed=1)
+  c = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=40, sampling=s, seed=2)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert not np.array_equal(a[0], a[1])  # rows draw independently
+
+
+def test_sampled_cached_matches_uncached_with_the_same_seed():
+  s = SamplingConfig(temperature=1.0, top_k=20)
+  p = [tok.encode("import ")]
+  a = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=30, sampling=s, seed=5)
+  b = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=30, sampling=s, seed=5,
+                               use_cache=False)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_generation_stops_at_eos():
+  # A model whose LM head always prefers <eos> (id 1).
+  params = jax.tree.map(lambda x: x, PARAMS)
+  params["lm_head"]["kernel"] = jnp.zeros_like(params["lm_head"]["kernel"])
+  params["ln_f"]["bias"] = jnp.ones_like(params["ln_f"]["bias"])
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 1].set(1.0)
+  out = generate.generate_tokens(params, CFG, [tok.encode("x")], max_new_tokens=5,
+                                 sampling=GREEDY)
+  np.testing.assert_array_equal(out, [[1, 0, 0, 0, 0]])
+  text = generate.generate_text(params, CFG, tok, ["x"], max_new_tokens=5, sampling=GREEDY)
+  assert text == [""]
+
+
+def test_prompt_buckets_limit_retracing():
+  assert [generate.bucket(n, 512) for n in (1, 16, 17, 100, 300)] == [16, 16, 32, 128, 512]
+  assert generate.bucket(300, 400) == 400
+  tokens, start = generate.pad_prompts([np.array([5, 6]), np.array([7])], 10, 64)
+  np.testing.assert_array_equal(start, [13, 14])
+  np.testing.assert_array_equal(tokens[0, 13:], [1, 5, 6])
+  assert (tokens[0, :13] == 0).all()
+
+
+def test_prompt_over_the_context_is_a_clear_error():
+  with pytest.raises(UserError, match="exceed the context length 64"):
+    generate.pad_prompts([np.zeros(40, np.int32)], 30, 64)
+  with pytest.raises(TokenizerError, match="'é' at 2"):
+    generate.generate_text(PARAMS, CFG, tok, ["a é"], max_new_tokens=4, sampling=GREEDY)
+
+
+# Sampling functions on hand-made logits.
+
+def test_top_k_filter_keeps_k_largest():
+  logits = jnp.array([[1.0, 5.0, 3.0, 4.0, 2.0]])
+  out = top_k_filter(logits, 2)
+  np.testing.assert_array_equal(np.isfinite(out), [[False, True, False, True, False]])
+  np.testing.assert_array_equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_filter_keeps_smallest_nucleus():
+  probs = jnp.array([[0.5, 0.3, 0.15, 0.05]])
+  logits = jnp.log(probs)
+  np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, 0.5)), [[True, False, False, False]])
+  np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, 0.7)), [[True, True, False, False]])
+  np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, 0.81)), [[True, True, True, False]])
+  np.testing.assert_array_equal(np.isfinite(top_p_filter(logits, 0.01)), [[True, False, False, False]])
+
+
+def test_sampling_never_picks_excluded_tokens():
+  logits = jnp.tile(jnp.array([[0.0, 2.0, 1.9, 1.8, -1.0, 1.7]]), (4096, 1))
+  key = jax.random.key(0)
+  k2 = np.asarray(sample(key, logits, SamplingConfig(top_k=2)))
+  assert set(k2.tolist()) == {1, 2}
+  p = np.asarray(sample(key, logits, SamplingConfig(top_p=0.5)))
+  assert set(p.tolist()) <= {1, 2, 3} and len(set(p.tolist())) > 1
+  g = np.asarray(sample(key, logits, SamplingConfig(greedy=True)))
+  assert (g == 1).all()
+
+
+def test_temperature_sharpens():
+  logits = jnp.tile(jnp.array([[0.0, 1.0]]), (20000, 1))
+  hot = np.asarray(sample(jax.random.key(0), logits, SamplingConfig(temperature=2.0))).mean()
+  cold = np.asarray(sample(jax.random.key(0), logits, SamplingConfig(temperature=0.25))).mean()
+  # P(token 1) = sigmoid(1 / T): 0.62 at T=2, 0.98 at T=0.25.
+  assert abs(hot - 0.622) < 0.02 and abs(cold - 0.982) < 0.01
+
+
+def test_sampling_config_validation():
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingConfig(temperature=0.0)
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingConfig(top_p=0.0)
