@@ -11,6 +11,8 @@ go to slots `cache.index .. cache.index + T - 1`.
 """
 
 import dataclasses
+import functools
+import logging
 import math
 from typing import Optional
 
@@ -67,12 +69,26 @@ class ModelConfig:
       dtype = "bfloat16" if accel else "float32"
     impl = model_cfg.attention_impl
     if impl == "auto":
-      impl = "cudnn" if platform in ("gpu", "cuda") and dtype != "float32" else "xla"
+      gpu_16bit = platform in ("gpu", "cuda") and dtype != "float32"
+      impl = "cudnn" if gpu_16bit and _cudnn_attention_works(dtype) else "xla"
     return cls(vocab_size=vocab_size, context_len=model_cfg.context_len,
                d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
                n_heads=model_cfg.n_heads, d_ff=model_cfg.d_ff,
                vocab_pad_multiple=model_cfg.vocab_pad_multiple,
                compute_dtype=dtype, attention_impl=impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_attention_works(dtype: str) -> bool:
+  """Probes cuDNN flash attention once (it needs a recent cuDNN and a supported GPU)."""
+  try:
+    x = jnp.zeros((1, 128, 2, 64), _DTYPES[dtype])
+    jax.block_until_ready(jax.jit(lambda q: jax.nn.dot_product_attention(
+        q, q, q, is_causal=True, implementation="cudnn"))(x))
+    return True
+  except Exception as e:  # any failure means: use XLA's attention instead
+    logging.warning("cuDNN attention unavailable (%s); using XLA attention", str(e)[:200])
+    return False
 
 
 @flax.struct.dataclass

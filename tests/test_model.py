@@ -99,9 +99,13 @@ def test_shape_checks_name_the_layer():
     MiniGPT(SMALL).apply({"params": params}, jnp.zeros((1, 3), jnp.int32), cache=wrong)
 
 
-def test_auto_resolution():
+def test_auto_resolution(monkeypatch):
+  from minigpt_jax import model
   m = base_config().model
   cpu = ModelConfig.from_config(m, 99, platform="cpu")
-  gpu = ModelConfig.from_config(m, 99, platform="gpu")
   assert (cpu.compute_dtype, cpu.attention_impl) == ("float32", "xla")
+  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: True)
+  gpu = ModelConfig.from_config(m, 99, platform="gpu")
   assert (gpu.compute_dtype, gpu.attention_impl) == ("bfloat16", "cudnn")
+  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: False)
+  assert ModelConfig.from_config(m, 99, platform="gpu").attention_impl == "xla"
