@@ -1,0 +1,69 @@
+import json
+import sys
+
+import pytest
+
+from conftest import run_module
+from minigpt_jax import plot
+from minigpt_jax.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(run_dir, syntax_rate: bool):
+  run_dir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for step in range(10, 101, 10):
+    rows.append({"kind": "train", "step": step, "tokens": step * 256, "loss": 4.0 - step / 50,
+                 "grad_norm": 1.0, "lr": 1e-3})
+    if step % 50 == 0:
+      rec = {"kind": "eval", "step": step, "tokens": step * 256, "val_loss": 4.1 - step / 50,
+             "val_bpc": (4.1 - step / 50) / 0.693}
+      if syntax_rate:
+        rec["syntax_rate"] = step / 200
+      rows.append(rec)
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return run_dir
+
+
+def test_plot_command_writes_a_png(tmp_path):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=True)
+  r = run_module("minigpt_jax.plot", str(run_dir))
+  assert r.returncode == 0, r.stderr
+  png = (run_dir / "curves.png").read_bytes()
+  assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=False)
+  (run_dir / "eval_step100.json").write_text(json.dumps(
+      {"step": 100, "val": {"nats_per_char": 2.2}, "syntax": {"rate": 0.4}}))
+  (run_dir / "eval_stepjunk.json").write_text("{not json")  # ignored, not fatal
+  assert [r["step"] for r in plot._full_evals(run_dir)] == [100]
+  out = plot.plot_run(run_dir, tmp_path / "sub" / "c.png")
+  assert out == tmp_path / "sub" / "c.png"
+  assert out.read_bytes().startswith(PNG_MAGIC)
+  assert not (run_dir / "curves.png").exists()
+
+
+def test_missing_metrics_is_a_one_line_error(tmp_path):
+  with pytest.raises(UserError, match="metrics.jsonl does not exist"):
+    plot.plot_run(tmp_path)
+  r = run_module("minigpt_jax.plot", str(tmp_path / "nowhere"))
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and "metrics.jsonl" in lines[0]
+
+
+def test_empty_metrics_is_an_error(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("\n")
+  with pytest.raises(UserError, match="no train or eval records"):
+    plot.plot_run(tmp_path)
+
+
+def test_missing_matplotlib_gives_the_install_hint(tmp_path, monkeypatch):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=False)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+  with pytest.raises(UserError, match=r"pip install -e \.\[plot\]"):
+    plot.plot_run(run_dir)
+  assert not (run_dir / "curves.png").exists()
