@@ -43,13 +43,25 @@ def resolve_root(root: str) -> pathlib.Path:
 SKIP_DIRS = {"__pycache__", "site-packages", "dist-packages", ".git"}
 
 
-def _python_files(root: pathlib.Path, skip: list[pathlib.Path]) -> Iterator[pathlib.Path]:
+def python_files(root: pathlib.Path, skip=()) -> Iterator[pathlib.Path]:
+  """The *.py files below `root` in sorted order, outside `SKIP_DIRS` and the folders `skip`."""
   for dirpath, dirnames, filenames in os.walk(root):
     here = pathlib.Path(dirpath)
     dirnames[:] = sorted(d for d in dirnames if here / d not in skip and d not in SKIP_DIRS)
     for name in sorted(filenames):
       if name.endswith(".py"):
         yield here / name
+
+
+def encode_source(raw: bytes, tok: CharTokenizer) -> tuple[np.ndarray, int, int]:
+  """Source bytes -> token ids, with newlines normalised to \\n (tabs kept).
+
+  Returns (ids, non-ASCII characters dropped, other out-of-vocabulary characters dropped).
+  """
+  text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+  ascii_bytes = text.encode("ascii", errors="ignore")
+  ids, n_control = tok.encode_bytes(ascii_bytes)
+  return ids, len(text) - len(ascii_bytes), n_control
 
 
 def is_val_file(relpath: str, val_fraction: float) -> bool:
@@ -80,26 +92,23 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print)
   total, t0 = 0, time.time()
   for i, root in enumerate(roots):
     nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
-    for path in _python_files(root, nested):
+    for path in python_files(root, nested):
       rel = f"{i}:{path.relative_to(root).as_posix()}"
       try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        ids, n_non_ascii, n_control = encode_source(path.read_bytes(), tok)
       except OSError:
         skipped["unreadable"] += 1
         continue
-      text = text.replace("\r\n", "\n").replace("\r", "\n")
-      raw = text.encode("ascii", errors="ignore")
-      dropped["non_ascii"] += len(text) - len(raw)
-      if spec["max_file_chars"] and len(raw) > spec["max_file_chars"]:
+      if spec["max_file_chars"] and ids.size > spec["max_file_chars"]:
         skipped["too_large"] += 1
         continue
-      ids, n_control = tok.encode_bytes(raw)
       if ids.size == 0:
         skipped["empty"] += 1
         continue
       if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
         skipped["over_cap"] += 1
         continue
+      dropped["non_ascii"] += n_non_ascii
       dropped["control"] += n_control
       split = "val" if is_val_file(rel, spec["val_fraction"]) else "train"
       parts[split] += [ids, np.array([EOS_ID], np.uint8)]
@@ -148,11 +157,14 @@ def _write_atomically(out_dir: pathlib.Path, arrays: dict, manifest: dict) -> No
     old.rmdir()
 
 
-def load_corpus(data_cfg, tok: CharTokenizer, log=print) -> tuple[dict, dict]:
-  """Returns ({"train": ids, "val": ids}, manifest), preparing the corpus on first use."""
+def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True) -> tuple[dict, dict]:
+  """Returns ({"train": ids, "val": ids}, manifest), preparing the corpus on first use
+  (or, with `build=False`, refusing to)."""
   out_dir = pathlib.Path(data_cfg.dir) / data_cfg.name
   manifest_path = out_dir / "manifest.json"
-  if data_cfg.rebuild or not manifest_path.exists():
+  if not build and not manifest_path.exists():
+    raise UserError(f"no prepared corpus at {out_dir} (the run's data.dir/data.name)")
+  if build and (data_cfg.rebuild or not manifest_path.exists()):
     if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
       raise UserError(f"{out_dir} exists but has no manifest.json; move it away or pick "
                       "another --config.data.name")

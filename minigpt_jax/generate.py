@@ -7,7 +7,6 @@ path (`generate_uncached`) reruns the full forward pass over the whole
 buffer every step: it is the reference the cached path is tested against.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,10 +1,12 @@
 """The device mesh and how arrays lie on it: batches split over ("data", "fsdp"),
-parameters and optimizer state replicated, or split over "fsdp" (ZeRO-3 style)."""
+parameters and optimizer state replicated, or split over "fsdp" (ZeRO-3 style);
+and joining JAX's multi-process runtime (one process per host or per GPU)."""
 
 import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minigpt_jax.errors import UserError
@@ -55,3 +57,42 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_replicated(mesh: Mesh, host_array: np.ndarray) -> jax.Array:
   """A host array every process holds in full, as one global array replicated on the mesh."""
   return jax.make_array_from_process_local_data(replicated(mesh), host_array)
+
+
+def initialize_distributed(mesh_cfg) -> None:
+  """Joins the multi-process runtime; must run before anything touches a device.
+
+  Empty `mesh.coordinator_address` / `num_processes` / `process_id` are left to
+  JAX's detection (Slurm, Open MPI, Cloud TPU; JAX_COORDINATOR_ADDRESS for the address).
+  """
+  if jax.distributed.is_initialized():
+    return
+  # CPU processes run their collectives over TCP with gloo (GPUs use NCCL regardless).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(
+        coordinator_address=mesh_cfg.coordinator_address or None,
+        num_processes=mesh_cfg.num_processes if mesh_cfg.num_processes > 0 else None,
+        process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
+  except (RuntimeError, ValueError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"cannot join the distributed runtime: {first[:300]}; outside Slurm/Open MPI "
+                    "set --config.mesh.coordinator_address, .num_processes and .process_id")
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across all processes; a no-op in a single process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def check_same_on_all_processes(text: str, what: str) -> None:
+  """Raises UserError unless every process passes the same `text` (e.g. a sha256)."""
+  if jax.process_count() == 1:
+    return
+  mine = np.frombuffer(text.encode().ljust(128)[:128], np.uint8)
+  try:
+    multihost_utils.assert_equal(mine)
+  except AssertionError:
+    raise UserError(f"the processes loaded different {what}; on hosts without a shared "
+                    "filesystem, give each host an identical copy")

@@ -1,7 +1,6 @@
 """Character tokenizer over printable ASCII, newline and tab, plus <pad> and <eos>."""
 
 import dataclasses
-import string
 
 import numpy as np
 

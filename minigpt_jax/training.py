@@ -15,9 +15,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from minigpt_jax import checkpoint, data, hardware, report, sharding
+from minigpt_jax import checkpoint, data, hardware, report, sharding, syntax
 from minigpt_jax.errors import UserError
-from minigpt_jax.generate import generate_text
 from minigpt_jax.model import MiniGPT, ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
 from minigpt_jax.tokenizer import CharTokenizer
@@ -80,7 +79,8 @@ def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
   loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+  metrics = {"loss": loss, "grad_norm": grad_norm}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -105,11 +105,9 @@ def evaluate_split(eval_fn, params, split_N: jax.Array, context_len: int, batch_
   starts = data.eval_windows(split_N.shape[0], context_len, max_windows)
   pad = -starts.size % batch_size
   starts = np.concatenate([starts, np.full(pad, split_N.shape[0], starts.dtype)])
-  total, count = 0.0, 0.0
-  for i in range(0, starts.size, batch_size):
-    s, c = eval_fn(params, split_N, jnp.asarray(starts[i:i + batch_size], jnp.int32))
-    total, count = total + s, count + c
-  total, count = jax.device_get((total, count))
+  sums = [eval_fn(params, split_N, jnp.asarray(starts[i:i + batch_size], jnp.int32))
+          for i in range(0, starts.size, batch_size)]  # dispatched without waiting
+  total, count = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)
   return float(total) / max(float(count), 1.0), int(count)
 
 
@@ -149,14 +147,22 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   if config.train.debug_recompiles:
     jax.config.update("jax_log_compiles", True)
   if config.mesh.distributed:
-    jax.distributed.initialize()
+    sharding.initialize_distributed(config.mesh)
   lead = jax.process_index() == 0
   say = log if lead else (lambda *_: None)
   if config.train.steps < 1 or config.train.batch_size < 1:
     raise UserError("train.steps and train.batch_size must be >= 1")
 
   tok = CharTokenizer()
-  splits, manifest = data.load_corpus(config.data, tok, log=say)
+  if lead:  # one process prepares the corpus, the others wait and then load it
+    splits, manifest = data.load_corpus(config.data, tok, log=say)
+  sharding.sync_processes("corpus ready")
+  if not lead:  # never rebuild it under the lead; build only where it is missing (local disks)
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.rebuild = False
+    splits, manifest = data.load_corpus(data_cfg, tok, log=say)
+  sharding.check_same_on_all_processes(
+      "".join(manifest["splits"][s]["sha256"] for s in data.SPLITS), "corpora")
   cfg = ModelConfig.from_config(config.model, tok.vocab_size)
   for s in data.SPLITS:
     if splits[s].size <= cfg.context_len + 1:
@@ -171,10 +177,14 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   run_dir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(run_dir, keep=config.train.keep)
   saved_cfg_path = run_dir / "config.json"
-  if saved_cfg_path.exists():
+  resuming = saved_cfg_path.exists()
+  sharding.sync_processes("run dir checked")  # before the lead writes config.json
+  if resuming:
     check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
   elif lead:
-    saved_cfg_path.write_text(config.to_json(indent=1))
+    saved = config.copy_and_resolve_references()
+    saved.data.dir = str(pathlib.Path(config.data.dir).absolute())  # evaluate finds the corpus
+    saved_cfg_path.write_text(saved.to_json(indent=1))
     (run_dir / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
 
   tx = make_optimizer(config.train)
@@ -220,6 +230,9 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   summary = RunSummary(run_dir, start, start, {}, {})
   sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
                             top_p=config.sample.top_p)
+  tok.encode(config.sample.prompt)  # an unencodable prompt fails now, not at the first eval
+  sample_tokens = min(config.sample.max_new_tokens,
+                      cfg.context_len - len(config.sample.prompt) - 1)
 
   def check_finite(step, metrics):
     if not math.isfinite(metrics["loss"]):
@@ -250,14 +263,20 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val,
               "val_bpc": val / math.log(2)}
     progress.message(f"step {step}: val loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)")
-    if config.sample.num_samples > 0 and lead:
-      texts = generate_text(
+    if config.sample.num_samples > 0:  # on every process: the params span them all
+      checked = syntax.sample_validity(
           state.params, cfg, tok, [config.sample.prompt] * config.sample.num_samples,
-          max_new_tokens=min(config.sample.max_new_tokens, cfg.context_len - len(config.sample.prompt) - 1),
-          sampling=sampling, seed=step)
-      record["samples"] = [config.sample.prompt + t for t in texts]
-      for i, t in enumerate(record["samples"]):
-        progress.message(f"--- sample {i} at step {step} ---\n{t}\n---")
+          max_new_tokens=sample_tokens, sampling=sampling, seed=step)
+      record.update(syntax_rate=checked["rate"], syntax_kept_chars=checked["mean_kept_chars"],
+                    samples=[s["text"] for s in checked["samples"]])
+      progress.message(f"step {step}: {checked['valid']}/{checked['n']} samples parse "
+                       f"(kept {checked['mean_kept_chars']:.0f} chars on average)")
+      shown = "".join(f"--- sample {i} at step {step} ---\n{t}\n" for i, t in enumerate(record["samples"]))
+      progress.message(shown + "---")
+      if lead:
+        samples_dir = run_dir / "samples"
+        samples_dir.mkdir(exist_ok=True)
+        (samples_dir / f"step_{step:07d}.txt").write_text(shown)
     metrics_log.write(record)
 
   def save(step):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, tiny_flags
+from conftest import run_module, tiny_flags
 from minigpt_jax import checkpoint, report
 
 
@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory, corpus_dir):
 
 def test_train_cli_writes_a_complete_run(trained_run):
   _, run, proc = trained_run
-  assert "25,120 parameters" in proc.stdout or "parameters" in proc.stdout
+  assert "model: 24,512 parameters" in proc.stdout
   assert "done: step 20" in proc.stdout
   assert (run / "config.json").exists() and (run / "tokenizer.json").exists()
   assert sorted(p.name for p in (run / "ckpt").iterdir() if p.name.isdigit()) == ["10", "20"]
@@ -43,6 +43,10 @@ def test_train_cli_writes_a_complete_run(trained_run):
   assert [r["step"] for r in train] == [5, 10, 15, 20]
   assert [r["step"] for r in evals] == [10, 20] and evals[0]["samples"][0].startswith("def ")
   assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+  assert all(0 <= r["syntax_rate"] <= 1 and r["val_bpc"] > 0 for r in evals)
+  saved = sorted(p.name for p in (run / "samples").iterdir())
+  assert saved == ["step_0000010.txt", "step_0000020.txt"]
+  assert evals[1]["samples"][0] in (run / "samples" / saved[1]).read_text()
 
 
 def test_exact_resume_across_processes(tmp_path, corpus_dir):

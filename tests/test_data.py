@@ -1,4 +1,3 @@
-import json
 import os
 
 import jax
@@ -7,7 +6,7 @@ import pytest
 
 from minigpt_jax import data
 from minigpt_jax.errors import UserError
-from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
+from minigpt_jax.tokenizer import CharTokenizer
 
 tok = CharTokenizer()
 

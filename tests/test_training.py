@@ -1,5 +1,4 @@
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
