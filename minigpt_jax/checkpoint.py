@@ -106,3 +106,13 @@ def load_for_inference(path: str, step: Optional[int] = None, compute_dtype: Opt
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   params = restore(manager(run_dir, read_only=True), step, {"params": abstract})["params"]
   return params, cfg, tok, config, step
+
+
+def most_recent_run(workdir: str = "checkpoints") -> str:
+  """The run under `workdir` whose checkpoints changed last: the default for the sampler."""
+  runs = [p.parent for p in pathlib.Path(workdir).glob("*/ckpt")
+          if any(c.name.isdigit() for c in p.iterdir())]
+  if not runs:
+    raise UserError(f"no --checkpoint given and no trained run in {workdir}/; train one with "
+                    "python -m minigpt_jax.train --config configs/small.py")
+  return str(max(runs, key=lambda r: (r / "ckpt").stat().st_mtime))

@@ -178,10 +178,9 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.checkpoint:
-    raise UserError("--checkpoint is required, e.g. --checkpoint checkpoints/small")
+  path = FLAGS.checkpoint or checkpoint.most_recent_run()
   out = evaluate_checkpoint(
-      FLAGS.checkpoint, FLAGS.step, extra_corpora=FLAGS.extra_corpus or (),
+      path, FLAGS.step, extra_corpora=FLAGS.extra_corpus or (),
       num_samples=FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens,
       batch_size=FLAGS.batch_size or None, seed=FLAGS.seed, compute_dtype=FLAGS.dtype)
   print(format_report(out))

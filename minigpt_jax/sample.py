@@ -12,7 +12,8 @@ from absl import flags
 
 from minigpt_jax.errors import UserError, run_cli
 
-_CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or its ckpt/<step>.")
+_CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or its ckpt/<step>; "
+                            "default: the most recently saved run in checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for several (default: 'def ').")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose whole text is one more prompt.")
@@ -32,8 +33,6 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtyp
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _CKPT.value:
-    raise UserError("--checkpoint is required, e.g. --checkpoint checkpoints/small")
   if _NUM.value < 1:
     raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
   prompts = list(_PROMPT.value or [])
@@ -50,7 +49,10 @@ def main(argv):
                                            top_p=_TOP_P.value, greedy=_GREEDY.value)
   except ValueError as e:
     raise UserError(str(e))
-  params, cfg, tok, _, step = checkpoint.load_for_inference(_CKPT.value, _STEP.value, _DTYPE.value)
+  path = _CKPT.value or checkpoint.most_recent_run()
+  if not _CKPT.value:
+    print(f"[sampling from {path}]", file=sys.stderr)
+  params, cfg, tok, _, step = checkpoint.load_for_inference(path, _STEP.value, _DTYPE.value)
   rows = [p for p in prompts for _ in range(_NUM.value)]
   t0 = time.perf_counter()
   texts = generate.generate_text(
@@ -58,7 +60,7 @@ def main(argv):
       seed=_SEED.value, use_cache=not _NO_CACHE.value, stop_at_eos=_STOP.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
-    out = {"checkpoint": str(_CKPT.value), "step": step, "seed": _SEED.value,
+    out = {"checkpoint": path, "step": step, "seed": _SEED.value,
            "cache": not _NO_CACHE.value, "seconds": seconds,
            "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                        for i, (p, t) in enumerate(zip(rows, texts))]}
