@@ -119,6 +119,8 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
   """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens]."""
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
   key = jax.random.key(seed)
+  if cfg.dtype != jnp.float32:  # cast once, not in every decode step: half the weight reads
+    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
   B, P = tokens_BP.shape
   if use_cache:
     cache = KVCache.init(cfg, B, P + max_new_tokens, start_B)
