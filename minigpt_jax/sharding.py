@@ -75,7 +75,7 @@ def initialize_distributed(mesh_cfg) -> None:
         num_processes=mesh_cfg.num_processes if mesh_cfg.num_processes > 0 else None,
         process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
   except (RuntimeError, ValueError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
     raise UserError(f"cannot join the distributed runtime: {first[:300]}; outside Slurm/Open MPI "
                     "set --config.mesh.coordinator_address, .num_processes and .process_id")
 

@@ -157,10 +157,8 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   if lead:  # one process prepares the corpus, the others wait and then load it
     splits, manifest = data.load_corpus(config.data, tok, log=say)
   sharding.sync_processes("corpus ready")
-  if not lead:  # never rebuild it under the lead; build only where it is missing (local disks)
-    data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.rebuild = False
-    splits, manifest = data.load_corpus(data_cfg, tok, log=say)
+  if not lead:  # hosts without a shared filesystem need a copy of data.dir/data.name each
+    splits, manifest = data.load_corpus(config.data, tok, log=say, build=False)
   sharding.check_same_on_all_processes(
       "".join(manifest["splits"][s]["sha256"] for s in data.SPLITS), "corpora")
   cfg = ModelConfig.from_config(config.model, tok.vocab_size)
