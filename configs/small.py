@@ -14,13 +14,13 @@ def get_config():
   c.model.n_heads = 4
   c.model.d_ff = 512
   c.model.vocab_pad_multiple = 1
-  c.train.steps = 600
+  c.train.steps = 1200
   c.train.batch_size = 32
   c.train.lr = 3e-3
   c.train.warmup_steps = 50
   c.train.log_every = 25
-  c.train.eval_every = 200
+  c.train.eval_every = 300
   c.train.eval_batches = 8
-  c.train.ckpt_every = 200
+  c.train.ckpt_every = 300
   c.sample.max_new_tokens = 160
   return c

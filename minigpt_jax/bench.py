@@ -14,7 +14,6 @@ stderr and one JSON object to stdout (and to --json_out).
 
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
@@ -106,28 +105,6 @@ def environment() -> dict:
 
 
 # --- training ------------------------------------------------------------------------------
-
-def _init_sharded_state(config, cfg: ModelConfig, mesh):
-  """Mirrors `training.train`: optimizer, state shardings and the sharded initial state."""
-  tx = training.make_optimizer(config.train)
-  init = lambda k: training.init_state(cfg, tx, k)
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  state_sh = training.TrainState(sharding.replicated(mesh),
-                                 sharding.state_shardings(mesh, abstract.params),
-                                 sharding.state_shardings(mesh, abstract.opt_state))
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(config.seed))
-  return tx, state_sh, state
-
-
-def _jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int):
-  """Mirrors `training.train`: the step as it is jitted there."""
-  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
-  return jax.jit(
-      functools.partial(training.train_step, cfg=cfg, tx=tx, batch_size=batch_size,
-                        seed=config.seed, batch_sharding=batch_sh),
-      in_shardings=(state_sh, sharding.replicated(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-
 
 def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: int, fpt: float,
                      steps: int, repeats: int, warmup: int):
@@ -244,7 +221,8 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
   log(f"{result['device_count']} x {result['device_kind']} ({result['platform']}), "
       f"compute {cfg.compute_dtype}, attention {cfg.attention_impl}")
 
-  tx, state_sh, state = _init_sharded_state(config, cfg, mesh)
+  tx, _, state_sh = training.state_layout(config, cfg, mesh)
+  state = training.fresh_state(config, cfg, tx, state_sh)
   result["param_count"] = param_count(state.params)
   rng = np.random.default_rng(config.seed)
   train_N = sharding.put_replicated(
@@ -252,7 +230,7 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
   rows = []
   for b in batch_sizes:
     log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
-    step_fn = _jit_train_step(config, cfg, mesh, tx, state_sh, b)
+    step_fn = training.jit_train_step(config, cfg, mesh, tx, state_sh, b)
     row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
                                   context_len=cfg.context_len, fpt=fpt, steps=train_steps,
                                   repeats=repeats, warmup=warmup)

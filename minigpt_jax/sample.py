@@ -17,7 +17,8 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for several (default: 'def ').")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose whole text is one more prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Characters to generate per sample.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Characters to generate per sample "
+                                "(the default shrinks to fit the model's context).")
 _TEMP = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely characters; 0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1.0 = off.")
@@ -54,9 +55,12 @@ def main(argv):
     print(f"[sampling from {path}]", file=sys.stderr)
   params, cfg, tok, _, step = checkpoint.load_for_inference(path, _STEP.value, _DTYPE.value)
   rows = [p for p in prompts for _ in range(_NUM.value)]
+  max_new = _MAX_NEW.value
+  if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
+    max_new = max(1, min(max_new, cfg.context_len - 1 - max(len(p) for p in prompts)))
   t0 = time.perf_counter()
   texts = generate.generate_text(
-      params, cfg, tok, rows, max_new_tokens=_MAX_NEW.value, sampling=cfg_sampling,
+      params, cfg, tok, rows, max_new_tokens=max_new, sampling=cfg_sampling,
       seed=_SEED.value, use_cache=not _NO_CACHE.value, stop_at_eos=_STOP.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
@@ -70,7 +74,7 @@ def main(argv):
     if len(rows) > 1:
       print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
     sys.stdout.write(p + t + "\n")
-  print(f"[step {step}, {len(rows)} x {_MAX_NEW.value} tokens in {seconds:.2f}s incl. compile, "
+  print(f"[step {step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
 
 

@@ -111,6 +111,31 @@ def evaluate_split(eval_fn, params, split_N: jax.Array, context_len: int, batch_
   return float(total) / max(float(count), 1.0), int(count)
 
 
+def state_layout(config, cfg: ModelConfig, mesh):
+  """The optimizer, the abstract train state, and the state's shardings on `mesh`."""
+  tx = make_optimizer(config.train)
+  abstract = jax.eval_shape(lambda k: init_state(cfg, tx, k), jax.random.key(config.seed))
+  state_sh = TrainState(sharding.replicated(mesh), sharding.state_shardings(mesh, abstract.params),
+                        sharding.state_shardings(mesh, abstract.opt_state))
+  return tx, abstract, state_sh
+
+
+def fresh_state(config, cfg: ModelConfig, tx, state_sh) -> TrainState:
+  """A newly initialised train state, created directly in its shardings."""
+  init = jax.jit(lambda k: init_state(cfg, tx, k), out_shardings=state_sh)
+  return init(jax.random.key(config.seed))
+
+
+def jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int):
+  """`train_step` jitted for `mesh`: batch split over all devices, state donated."""
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+  return jax.jit(
+      functools.partial(train_step, cfg=cfg, tx=tx, batch_size=batch_size, seed=config.seed,
+                        batch_sharding=batch_sh),
+      in_shardings=(state_sh, sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
 def _flat(cfg: ml_collections.ConfigDict) -> dict:
   out = {}
   def walk(d, prefix):
@@ -185,14 +210,10 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     saved_cfg_path.write_text(saved.to_json(indent=1))
     (run_dir / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
 
-  tx = make_optimizer(config.train)
-  abstract = jax.eval_shape(lambda k: init_state(cfg, tx, k), jax.random.key(config.seed))
-  state_sh = TrainState(sharding.replicated(mesh), sharding.state_shardings(mesh, abstract.params),
-                        sharding.state_shardings(mesh, abstract.opt_state))
+  tx, abstract, state_sh = state_layout(config, cfg, mesh)
   start = mngr.latest_step()
   if start is None:
-    state = jax.jit(lambda k: init_state(cfg, tx, k), out_shardings=state_sh)(
-        jax.random.key(config.seed))
+    state = fresh_state(config, cfg, tx, state_sh)
     start = 0
   else:
     with_sh = lambda t, s: jax.tree.map(
@@ -211,12 +232,7 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
 
   train_N = sharding.put_replicated(mesh, splits["train"])
   val_N = sharding.put_replicated(mesh, splits["val"])
-  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
-  step_fn = jax.jit(
-      functools.partial(train_step, cfg=cfg, tx=tx, batch_size=config.train.batch_size,
-                        seed=config.seed, batch_sharding=batch_sh),
-      in_shardings=(state_sh, sharding.replicated(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
   eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
 
   end = config.train.steps
