@@ -47,10 +47,11 @@ def test_cached_logits_equal_full_forward(prompt_len, dtype, tol):
 def test_cache_is_written_where_the_model_says():
   cache = KVCache.init(CFG, 2, 20)
   _, cache = MiniGPT(CFG).apply({"params": PARAMS}, jnp.ones((2, 7), jnp.int32), cache=cache)
-  k = np.asarray(cache.k_LBSHK)
+  k = np.asarray(cache.k_LBHSK)
+  assert k.shape == (2, 2, 4, 20, 8)
   assert int(cache.index) == 7
-  assert np.abs(k[:, :, :7]).sum(axis=(0, 1, 3, 4)).min() > 0
-  assert np.abs(k[:, :, 7:]).max() == 0
+  assert np.abs(k[:, :, :, :7]).sum(axis=(0, 1, 2, 4)).min() > 0
+  assert np.abs(k[:, :, :, 7:]).max() == 0
 
 
 def test_greedy_cached_and_uncached_sequences_identical():
