@@ -114,5 +114,12 @@ def validate(c: ConfigDict) -> None:
                     f"got {c.model.compute_dtype!r}")
   if c.model.attention_impl not in ("auto", "xla", "cudnn"):
     raise UserError(f"model.attention_impl must be auto, xla or cudnn, got {c.model.attention_impl!r}")
+  if not c.sample.temperature > 0 or not 0 < c.sample.top_p <= 1 or c.sample.top_k < 0:
+    raise UserError("sample.temperature must be > 0, sample.top_p in (0, 1], sample.top_k >= 0")
+  if c.sample.num_samples < 0 or c.sample.max_new_tokens < 1:
+    raise UserError("sample.num_samples must be >= 0 and sample.max_new_tokens >= 1")
+  if c.sample.num_samples and len(c.sample.prompt) + 2 > c.model.context_len:
+    raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) leaves no room in the "
+                    f"context of {c.model.context_len}")
   if not c.run_name or "/" in c.run_name:
     raise UserError(f"run_name must be a plain folder name, got {c.run_name!r}")

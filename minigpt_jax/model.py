@@ -99,7 +99,7 @@ class KVCache:
   start_B[b] are left padding and never attended to. Keys and values are
   stored head-major, [L, B, H, S, K], the layout attention reads: with
   [L, B, S, H, K], XLA transposed every layer's cache on every decode step
-  (full config, batch 8, 512 slots, CPU: 41.9 ms per step against 10.2).
+  (full config, batch 8, 512 slots, CPU: 37.6 ms per step against 11.6).
   """
 
   k_LBHSK: jax.Array

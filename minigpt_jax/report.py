@@ -70,3 +70,54 @@ class Progress:
     if self.enabled and self.tty:
       self.stream.write("\n")
       self.stream.flush()
+
+
+class TrainReporter:
+  """Everything a training run tells the world: the progress bar, metrics.jsonl,
+  and the samples folder. Every process calls it; only the lead one writes."""
+
+  def __init__(self, run_dir: pathlib.Path, lead: bool, start: int, total: int,
+               tokens_per_step: int, mfu_fn, lr_fn):
+    self.run_dir, self.lead = pathlib.Path(run_dir), lead
+    self.tokens_per_step, self.mfu_fn, self.lr_fn = tokens_per_step, mfu_fn, lr_fn
+    self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=lead)
+    self.progress = Progress(start, total, enabled=lead)
+    self.train_losses, self.val_losses = {}, {}
+    self.restart_clock(start)
+
+  def restart_clock(self, step: int) -> None:
+    """Starts a new tokens/s interval (after evals and checkpoints, which are not training)."""
+    self.t_mark, self.step_mark = time.perf_counter(), step
+
+  def train(self, step: int, metrics: dict) -> None:
+    now = time.perf_counter()
+    tok_s = (step - self.step_mark) * self.tokens_per_step / max(now - self.t_mark, 1e-9)
+    self.t_mark, self.step_mark = now, step
+    util = self.mfu_fn(tok_s)
+    self.log.write({"kind": "train", "step": step, "tokens": step * self.tokens_per_step,
+                    "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                    "lr": float(self.lr_fn(step)), "tokens_per_s": tok_s, "mfu": util,
+                    "time": time.time()})
+    self.train_losses[step] = metrics["loss"]
+    mfu_text = f" mfu {util:.1%}" if util is not None else ""
+    self.progress.update(step, f"loss {metrics['loss']:.4f} | {tok_s:,.0f} tok/s{mfu_text}")
+
+  def eval(self, step: int, val_loss: float, checked: dict | None) -> None:
+    """Records a validation loss and, if given, `syntax.sample_validity`'s result."""
+    bpc = val_loss / math.log(2)
+    self.val_losses[step] = val_loss
+    record = {"kind": "eval", "step": step, "tokens": step * self.tokens_per_step,
+              "val_loss": val_loss, "val_bpc": bpc}
+    self.progress.message(f"step {step}: val loss {val_loss:.4f} nats/char ({bpc:.3f} bits/char)")
+    if checked is not None:
+      texts = [s["text"] for s in checked["samples"]]
+      record.update(syntax_rate=checked["rate"], syntax_kept_chars=checked["mean_kept_chars"],
+                    samples=texts)
+      self.progress.message(f"step {step}: {checked['valid']}/{checked['n']} samples parse "
+                            f"(kept {checked['mean_kept_chars']:.0f} chars on average)")
+      shown = "".join(f"--- sample {i} at step {step} ---\n{t}\n" for i, t in enumerate(texts))
+      self.progress.message(shown + "---")
+      if self.lead:
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        (self.run_dir / "samples" / f"step_{step:07d}.txt").write_text(shown)
+    self.log.write(record)

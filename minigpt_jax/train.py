@@ -3,7 +3,7 @@
 from absl import flags
 from ml_collections import config_flags
 
-from minigpt_jax.config import load as load_config, validate
+from minigpt_jax.config import load as load_config
 from minigpt_jax.errors import UserError, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,7 +22,6 @@ def main(argv):
       config.workdir = _WORKDIR.value
     if _RUN_NAME.value:
       config.run_name = _RUN_NAME.value
-  validate(config)
   from minigpt_jax.training import train  # after flag parsing: --help stays fast
   train(config)
 

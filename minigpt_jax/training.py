@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import pathlib
-import time
 
 import flax.struct
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 
 from minigpt_jax import checkpoint, data, hardware, report, sharding, syntax
+from minigpt_jax import config as config_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import MiniGPT, ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
@@ -169,14 +169,13 @@ class RunSummary:
 
 def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   """Trains (or resumes) the run `config.workdir/config.run_name`."""
+  config_lib.validate(config)
   if config.train.debug_recompiles:
     jax.config.update("jax_log_compiles", True)
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
   lead = jax.process_index() == 0
   say = log if lead else (lambda *_: None)
-  if config.train.steps < 1 or config.train.batch_size < 1:
-    raise UserError("train.steps and train.batch_size must be >= 1")
 
   tok = CharTokenizer()
   if lead:  # one process prepares the corpus, the others wait and then load it
@@ -235,95 +234,58 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   step_fn = jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
   eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg))
 
-  end = config.train.steps
-  if config.train.stop_at_step:
-    end = min(end, config.train.stop_at_step)
-  metrics_log = report.MetricsLog(run_dir / "metrics.jsonl", enabled=lead)
-  progress = report.Progress(start, config.train.steps, enabled=lead)
+  end = min(config.train.steps, config.train.stop_at_step or config.train.steps)
   tokens_per_step = config.train.batch_size * cfg.context_len
-  summary = RunSummary(run_dir, start, start, {}, {})
+  reporter = report.TrainReporter(run_dir, lead, start, config.train.steps, tokens_per_step,
+                                  mfu_fn=lambda tok_s: hardware.mfu(fpt, tok_s),
+                                  lr_fn=lr_schedule(config.train))
   sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
                             top_p=config.sample.top_p)
   tok.encode(config.sample.prompt)  # an unencodable prompt fails now, not at the first eval
   sample_tokens = min(config.sample.max_new_tokens,
                       cfg.context_len - len(config.sample.prompt) - 1)
 
-  def check_finite(step, metrics):
+  def record_train(step, metrics):
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(metrics["loss"]):
       raise UserError(f"loss is {metrics['loss']} at step {step}; stopped (last checkpoint: step "
                       f"{mngr.latest_step()}). Lower train.lr or check the data")
-
-  make_lr = lr_schedule(config.train)
-
-  def log_train(step, metrics, t_last, step_last):
-    metrics = {k: float(v) for k, v in metrics.items()}
-    check_finite(step, metrics)
-    now = time.perf_counter()
-    tok_s = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-    util = hardware.mfu(fpt, tok_s)
-    lr = float(make_lr(step))
-    metrics_log.write({"kind": "train", "step": step, "tokens": step * tokens_per_step,
-                       "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": lr,
-                       "tokens_per_s": tok_s, "mfu": util, "time": time.time()})
-    summary.train_losses[step] = metrics["loss"]
-    mfu_text = f" mfu {util:.1%}" if util is not None else ""
-    progress.update(step, f"loss {metrics['loss']:.4f} | {tok_s:,.0f} tok/s{mfu_text}")
-    return now, step
+    reporter.train(step, metrics)
 
   def evaluate_and_sample(step):
-    val, _ = evaluate_split(eval_fn, state.params, val_N, cfg.context_len,
-                            config.train.batch_size, config.train.eval_batches * config.train.batch_size)
-    summary.val_losses[step] = val
-    record = {"kind": "eval", "step": step, "tokens": step * tokens_per_step, "val_loss": val,
-              "val_bpc": val / math.log(2)}
-    progress.message(f"step {step}: val loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)")
+    val, _ = evaluate_split(eval_fn, state.params, val_N, cfg.context_len, config.train.batch_size,
+                            config.train.eval_batches * config.train.batch_size)
+    checked = None
     if config.sample.num_samples > 0:  # on every process: the params span them all
       checked = syntax.sample_validity(
           state.params, cfg, tok, [config.sample.prompt] * config.sample.num_samples,
           max_new_tokens=sample_tokens, sampling=sampling, seed=step)
-      record.update(syntax_rate=checked["rate"], syntax_kept_chars=checked["mean_kept_chars"],
-                    samples=[s["text"] for s in checked["samples"]])
-      progress.message(f"step {step}: {checked['valid']}/{checked['n']} samples parse "
-                       f"(kept {checked['mean_kept_chars']:.0f} chars on average)")
-      shown = "".join(f"--- sample {i} at step {step} ---\n{t}\n" for i, t in enumerate(record["samples"]))
-      progress.message(shown + "---")
-      if lead:
-        samples_dir = run_dir / "samples"
-        samples_dir.mkdir(exist_ok=True)
-        (samples_dir / f"step_{step:07d}.txt").write_text(shown)
-    metrics_log.write(record)
+    reporter.eval(step, val, checked)
 
-  def save(step):
-    checkpoint.save(mngr, step, state.params, state.opt_state,
-                    {"step": step, "corpus_sha256": manifest["splits"]["train"]["sha256"]})
-
-  t_last, step_last, pending = time.perf_counter(), start, None
-  step = start
+  step, pending = start, None
   while step < end:
     state, metrics = step_fn(state, train_N)
     step += 1
     if pending is not None:  # fetched one step late: the device never waits for the host
-      t_last, step_last = log_train(pending[0], jax.device_get(pending[1]), t_last, step_last)
+      record_train(*pending)
       pending = None
-    if step % config.train.log_every == 0 or step == end:
+    periodic = lambda every: step % every == 0 or step == end
+    if periodic(config.train.log_every):
       pending = (step, metrics)
-    if step % config.train.eval_every == 0 or step % config.train.ckpt_every == 0 or step == end:
-      if pending is not None:
-        t_last, step_last = log_train(pending[0], jax.device_get(pending[1]), t_last, step_last)
-        pending = None
-      else:
-        check_finite(step, {"loss": float(metrics["loss"])})
-      if step % config.train.ckpt_every == 0 or step == end:
-        save(step)
-      if step % config.train.eval_every == 0 or step == end:
+    if periodic(config.train.eval_every) or periodic(config.train.ckpt_every):
+      record_train(step, metrics)  # also: never checkpoint a NaN state
+      pending = None
+      if periodic(config.train.ckpt_every):
+        checkpoint.save(mngr, step, state.params, state.opt_state,
+                        {"step": step, "corpus_sha256": manifest["splits"]["train"]["sha256"]})
+      if periodic(config.train.eval_every):
         evaluate_and_sample(step)
-      t_last, step_last = time.perf_counter(), step  # keep eval time out of tokens/s
-  summary.last_step = step
+      reporter.restart_clock(step)
   mngr.wait_until_finished()
   mngr.close()
-  progress.close()
+  reporter.progress.close()
   if start == end:
     say(f"{run_dir} is already at step {end}; raise --config.train.steps to train further")
   else:
     say(f"done: step {step}, checkpoints in {run_dir / 'ckpt'}")
-  return summary
+  return RunSummary(run_dir, start, step, reporter.train_losses, reporter.val_losses)

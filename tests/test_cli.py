@@ -96,6 +96,8 @@ def test_sample_cli_same_seed_same_text_and_step_selection(trained_run):
 @pytest.mark.parametrize("args,fragments", [
     (["--config.train.stepz=5"], ["stepz"]),
     (["--config.model.d_model=abc"], ["d_model"]),
+    (["--config.sample.temperature=0"], ["sample.temperature must be > 0"]),
+    (["--config.model.n_heads=3"], ["not divisible by model.n_heads 3"]),
 ])
 def test_train_config_mistakes_are_one_line_errors(tmp_path, corpus_dir, args, fragments):
   _one_line_error(run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir, *args)),
