@@ -4,8 +4,9 @@ from typing import Optional
 
 import jax
 
-# device_kind substring -> dense bf16 peak (FLOP/s); first match wins.
-PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+# device_kind substring -> dense bf16 peak (FLOP/s), from NVIDIA's data sheets; first match
+# wins, so the PCIe H100 (a lower clock) comes before the SXM one.
+PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 
 def peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:
