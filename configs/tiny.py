@@ -1,4 +1,4 @@
-"""A few-thousand-parameter model for tests: seconds on a CPU. Point data.roots at a folder."""
+"""A 25K-parameter model for tests: seconds on a CPU. Point data.roots at a folder."""
 
 from minigpt_jax.config import base_config
 

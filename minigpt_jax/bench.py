@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pathlib
 import platform
 import statistics
 import sys
@@ -32,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from minigpt_jax import generate, hardware, sharding, training
+from minigpt_jax import config as config_lib
 from minigpt_jax.errors import UserError, run_cli
 from minigpt_jax.model import KVCache, ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
@@ -305,9 +307,11 @@ def _define_flags() -> dict:
 def main(argv, f: dict) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if f["config"].value is None:
-    raise UserError("--config is required, e.g. --config configs/full.py")
-  result = run(f["config"].value, batch_sizes=parse_sizes(f["batch_sizes"].value, "batch_sizes"),
+  config = config_lib.load(f["config"])
+  json_out = f["json_out"].value
+  if json_out and not pathlib.Path(json_out).absolute().parent.is_dir():
+    raise UserError(f"--json_out {json_out}: no such folder")
+  result = run(config, batch_sizes=parse_sizes(f["batch_sizes"].value, "batch_sizes"),
                decode_batches=parse_sizes(f["decode_batches"].value, "decode_batches"),
                decode_tokens=f["decode_tokens"].value, uncached_tokens=f["uncached_tokens"].value,
                skip_uncached=f["skip_uncached"].value, train_steps=f["train_steps"].value,
@@ -315,10 +319,9 @@ def main(argv, f: dict) -> None:
                command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
   print(format_table(result), file=sys.stderr, flush=True)
   text = json.dumps(result, indent=1)
-  if f["json_out"].value:
-    with open(f["json_out"].value, "w") as out:
-      out.write(text + "\n")
   print(text, flush=True)
+  if json_out:
+    pathlib.Path(json_out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
   """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
-  carrying the target shardings, so a run saved on one mesh loads onto another)."""
-  args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+  carrying the target shardings, so a run saved on one mesh loads onto another; "meta": None
+  for the JSON metadata)."""
+  args = {k: ocp.args.JsonRestore() if k == "meta" else ocp.args.StandardRestore(v)
+          for k, v in abstract.items()}
   try:
     return dict(mngr.restore(step, args=ocp.args.Composite(**args)))
   except Exception as e:  # Orbax raises many types for a damaged checkpoint
@@ -82,6 +84,8 @@ def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
     raise UserError(f"{path} holds no checkpoints (expected {run_dir / 'ckpt'}/<step>/)")
   mngr = manager(run_dir, read_only=True)
   steps = mngr.all_steps()
+  if not steps:
+    raise UserError(f"{run_dir} holds no checkpoints yet")
   chosen = step if step is not None else named if named is not None else mngr.latest_step()
   if chosen is None or chosen not in steps:
     raise UserError(f"no checkpoint for step {chosen} in {run_dir} (have {sorted(steps)})")

@@ -6,6 +6,7 @@ Units: sizes of text in characters (= tokens), schedules in optimizer steps.
 from ml_collections import ConfigDict
 
 from minigpt_jax.errors import UserError
+from minigpt_jax.tokenizer import CharTokenizer
 
 
 def base_config() -> ConfigDict:
@@ -121,5 +122,8 @@ def validate(c: ConfigDict) -> None:
   if c.sample.num_samples and len(c.sample.prompt) + 2 > c.model.context_len:
     raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) leaves no room in the "
                     f"context of {c.model.context_len}")
-  if not c.run_name or "/" in c.run_name:
+  if not c.run_name or "/" in c.run_name or c.run_name.startswith("."):
     raise UserError(f"run_name must be a plain folder name, got {c.run_name!r}")
+  if not isinstance(c.train.stop_at_step, int) or c.train.stop_at_step < 0:
+    raise UserError(f"train.stop_at_step must be >= 0 (0 = train.steps), got {c.train.stop_at_step!r}")
+  CharTokenizer().encode(c.sample.prompt)  # its error names the characters

@@ -33,7 +33,7 @@ def resolve_root(root: str) -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
   if root == "site-packages":
     return pathlib.Path(sysconfig.get_paths()["purelib"])
-  path = pathlib.Path(root).expanduser()
+  path = pathlib.Path(root).expanduser().resolve()  # recorded absolute in the manifest
   if not path.is_dir():
     raise UserError(f"corpus root {root!r} is not a directory")
   return path
@@ -178,7 +178,7 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True) -> 
     recorded = manifest["spec"]
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f"{manifest_path} is unreadable ({e}); rebuild with --config.data.rebuild=True")
-  wanted = spec_of(data_cfg)
+  wanted = spec_of(data_cfg) if build else recorded  # a reader takes the corpus as recorded
   if recorded != wanted:
     diff = ", ".join(f"{k}: prepared {recorded.get(k)!r} vs config {wanted[k]!r}"
                      for k in wanted if recorded.get(k) != wanted[k])

@@ -178,6 +178,10 @@ def main(argv):
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.batch_size < 0:
+    raise UserError(f"--batch_size must be >= 0, got {FLAGS.batch_size}")
+  if FLAGS.json_out and pathlib.Path(FLAGS.json_out).is_dir():
+    raise UserError(f"--json_out {FLAGS.json_out} is a folder; give a file path")
   path = FLAGS.checkpoint or checkpoint.most_recent_run()
   out = evaluate_checkpoint(
       path, FLAGS.step, extra_corpora=FLAGS.extra_corpus or (),

@@ -112,7 +112,7 @@ def plot_run(run_dir, out=None) -> pathlib.Path:
 
   out = pathlib.Path(out) if out else run_dir / "curves.png"
   out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=110)
+  fig.savefig(out, dpi=110, format="png")  # the path as given, whatever its suffix
   plt.close(fig)
   return out
 

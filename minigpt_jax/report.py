@@ -22,9 +22,11 @@ class MetricsLog:
 def read_metrics(path: pathlib.Path) -> list[dict]:
   """Reads a metrics JSONL; for repeated (kind, step) pairs, e.g. after a resume, the last wins."""
   rows = {}
-  for line in pathlib.Path(path).read_text().splitlines():
+  for i, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
     if line.strip():
       r = json.loads(line)
+      if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+        raise ValueError(f"line {i} is not a metrics record")
       rows[(r.get("kind"), r.get("step"))] = r
   return sorted(rows.values(), key=lambda r: (r.get("step", 0), r.get("kind", "")))
 

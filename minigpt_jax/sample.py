@@ -39,7 +39,7 @@ def main(argv):
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:
     try:
-      prompts.append(pathlib.Path(_PROMPT_FILE.value).read_text())
+      prompts.append(pathlib.Path(_PROMPT_FILE.value).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read --prompt_file: {e}")
   prompts = prompts or ["def "]

@@ -79,8 +79,9 @@ def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
   loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  metrics = {"loss": loss, "grad_norm": grad_norm}
+  norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+  # The loss is that of the old parameters; the update norm shows whether the new ones are finite.
+  metrics = {"loss": loss, "grad_norm": norm(grads), "update_norm": norm(updates)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -199,7 +200,8 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   run_dir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(run_dir, keep=config.train.keep)
   saved_cfg_path = run_dir / "config.json"
-  resuming = saved_cfg_path.exists()
+  start = mngr.latest_step()
+  resuming = start is not None  # a folder without checkpoints holds nothing to keep
   sharding.sync_processes("run dir checked")  # before the lead writes config.json
   if resuming:
     check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
@@ -210,7 +212,6 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     (run_dir / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
 
   tx, abstract, state_sh = state_layout(config, cfg, mesh)
-  start = mngr.latest_step()
   if start is None:
     state = fresh_state(config, cfg, tx, state_sh)
     start = 0
@@ -218,7 +219,11 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     with_sh = lambda t, s: jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
     got = checkpoint.restore(mngr, start, {"params": with_sh(abstract.params, state_sh.params),
-                                           "opt_state": with_sh(abstract.opt_state, state_sh.opt_state)})
+                                           "opt_state": with_sh(abstract.opt_state, state_sh.opt_state),
+                                           "meta": None})
+    if got["meta"].get("corpus_sha256") != manifest["splits"]["train"]["sha256"]:
+      raise UserError(f"the train corpus differs from the one step {start} of {run_dir} was "
+                      "trained on; resume with that corpus, or start a new --run_name")
     state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
                        got["params"], got["opt_state"])
     say(f"resuming {run_dir} from step {start}")
@@ -241,15 +246,19 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
                                   lr_fn=lr_schedule(config.train))
   sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
                             top_p=config.sample.top_p)
-  tok.encode(config.sample.prompt)  # an unencodable prompt fails now, not at the first eval
   sample_tokens = min(config.sample.max_new_tokens,
                       cfg.context_len - len(config.sample.prompt) - 1)
 
   def record_train(step, metrics):
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(metrics["loss"]):
-      raise UserError(f"loss is {metrics['loss']} at step {step}; stopped (last checkpoint: step "
-                      f"{mngr.latest_step()}). Lower train.lr or check the data")
+    bad = next((k for k in ("loss", "update_norm") if not math.isfinite(metrics[k])), None)
+    if bad:
+      what = "loss" if bad == "loss" else "parameter update"
+      last = mngr.latest_step()
+      kept = ("no checkpoint was written" if last is None else
+              f"the last checkpoint (step {last}) is intact; use a new --run_name to change train.lr")
+      raise UserError(f"{what} is {metrics[bad]} at step {step}; stopped, {kept}. "
+                      "Lower train.lr or check the data")
     reporter.train(step, metrics)
 
   def evaluate_and_sample(step):
@@ -263,29 +272,31 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     reporter.eval(step, val, checked)
 
   step, pending = start, None
-  while step < end:
-    state, metrics = step_fn(state, train_N)
-    step += 1
-    if pending is not None:  # fetched one step late: the device never waits for the host
-      record_train(*pending)
-      pending = None
-    periodic = lambda every: step % every == 0 or step == end
-    if periodic(config.train.log_every):
-      pending = (step, metrics)
-    if periodic(config.train.eval_every) or periodic(config.train.ckpt_every):
-      record_train(step, metrics)  # also: never checkpoint a NaN state
-      pending = None
-      if periodic(config.train.ckpt_every):
-        checkpoint.save(mngr, step, state.params, state.opt_state,
-                        {"step": step, "corpus_sha256": manifest["splits"]["train"]["sha256"]})
-      if periodic(config.train.eval_every):
-        evaluate_and_sample(step)
-      reporter.restart_clock(step)
-  mngr.wait_until_finished()
-  mngr.close()
-  reporter.progress.close()
-  if start == end:
-    say(f"{run_dir} is already at step {end}; raise --config.train.steps to train further")
+  try:
+    while step < end:
+      state, metrics = step_fn(state, train_N)
+      step += 1
+      if pending is not None:  # fetched one step late: the device never waits for the host
+        record_train(*pending)
+        pending = None
+      periodic = lambda every: step % every == 0 or step == end
+      if periodic(config.train.log_every):
+        pending = (step, metrics)
+      if periodic(config.train.eval_every) or periodic(config.train.ckpt_every):
+        record_train(step, metrics)  # also: never checkpoint non-finite parameters
+        pending = None
+        if periodic(config.train.ckpt_every):
+          checkpoint.save(mngr, step, state.params, state.opt_state,
+                          {"step": step, "corpus_sha256": manifest["splits"]["train"]["sha256"]})
+        if periodic(config.train.eval_every):
+          evaluate_and_sample(step)
+        reporter.restart_clock(step)
+  finally:  # also on errors: finish the checkpoint being written, never leave it half-done
+    mngr.wait_until_finished()
+    mngr.close()
+    reporter.progress.close()
+  if start >= end:
+    say(f"{run_dir} is already at step {start}; raise --config.train.steps to train further")
   else:
     say(f"done: step {step}, checkpoints in {run_dir / 'ckpt'}")
   return RunSummary(run_dir, start, step, reporter.train_losses, reporter.val_losses)

@@ -147,3 +147,13 @@ def test_bench_cli_refuses_too_many_decode_tokens():
   proc = run_module("minigpt_jax.bench", "--config", TINY, "--decode_tokens=32", timeout=60)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: decode tokens must be in [1, 31]")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.n_heads=3"], "error: model.d_model 32 is not divisible by model.n_heads 3"),
+    (["--json_out=/nonexistent/dir/b.json"], "error: --json_out /nonexistent/dir/b.json: no such folder"),
+])
+def test_bench_cli_config_mistakes_are_one_line_errors(args, message):
+  proc = run_module("minigpt_jax.bench", "--config", TINY, *args, timeout=60)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines() == [message]

@@ -39,6 +39,12 @@ def test_split_is_deterministic_and_at_file_boundaries(tiny_config, corpus_dir, 
   assert manifest["files"]["val"] and manifest["files"]["train"]
 
 
+def test_relative_roots_are_recorded_absolute(tiny_config, corpus_dir, monkeypatch):
+  monkeypatch.chdir(corpus_dir.parent)
+  tiny_config.data.roots = (corpus_dir.name,)
+  assert data.spec_of(tiny_config.data)["roots"] == [str(corpus_dir.resolve())]
+
+
 def test_val_assignment_does_not_depend_on_other_files():
   assert data.is_val_file("0:a/b.py", 0.1) == data.is_val_file("0:a/b.py", 0.1)
   held = [data.is_val_file(f"0:m{i}.py", 0.1) for i in range(2000)]

@@ -64,6 +64,17 @@ def test_greedy_cached_and_uncached_sequences_identical():
   np.testing.assert_array_equal(a, b)
 
 
+def test_bfloat16_generation_cached_equals_uncached():
+  """The 16-bit path (parameters cast once before decoding) is consistent too."""
+  cfg = ModelConfig(**{**CFG.__dict__, "compute_dtype": "bfloat16"})
+  prompts = [_random_prompt(n, 50 + n) for n in (2, 11)]
+  a = generate.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
+                               stop_at_eos=False)
+  b = generate.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
+                               stop_at_eos=False, use_cache=False)
+  np.testing.assert_array_equal(a, b)
+
+
 def test_batched_ragged_equals_one_by_one():
   prompts = [_random_prompt(n, 100 + n) for n in (3, 17, 9)]
   together = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=25, sampling=GREEDY,

@@ -1,4 +1,5 @@
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +47,47 @@ def test_checkpoint_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, got["opt_state"], opt)
 
 
-def test_nan_loss_stops_with_a_clear_error(tiny_config):
-  tiny_config.train.lr = float("nan")
-  tiny_config.train.log_every = 1
-  with pytest.raises(UserError, match=r"loss is nan at step \d+; stopped"):
+def test_nan_stops_before_a_checkpoint_and_the_run_can_restart(tiny_config):
+  tiny_config.train.lr = float("nan")  # the first update makes every parameter NaN
+  tiny_config.train.ckpt_every = 1
+  tiny_config.sample.num_samples = 0
+  with pytest.raises(UserError, match=r"parameter update is nan at step 1; stopped, no "
+                                      r"checkpoint was written"):
     training.train(tiny_config, log=quiet)
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == []  # nothing half-written
+  # Nothing was saved, so the same run may start again with another learning rate.
+  tiny_config.train.lr = 3e-3
+  tiny_config.train.steps = 4
+  s = training.train(tiny_config, log=quiet)
+  assert s.first_step == 0 and s.last_step == 4 and np.isfinite(list(s.train_losses.values())).all()
+
+
+def test_resume_refuses_a_changed_corpus(tiny_config, tmp_path):
+  src = tmp_path / "src"
+  shutil.copytree(tiny_config.data.roots[0], src)
+  tiny_config.data.roots = (str(src),)
+  tiny_config.train.steps = 10
+  tiny_config.sample.num_samples = 0
+  training.train(tiny_config, log=quiet)
+  (src / "extra.py").write_text("x = 1\n" * 50)
+  tiny_config.data.rebuild = True
+  tiny_config.train.steps = 20
+  with pytest.raises(UserError, match="train corpus differs from the one step 10"):
+    training.train(tiny_config, log=quiet)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.stop_at_step", -5, "stop_at_step must be >= 0"),
+    ("run_name", "..", "plain folder name"),
+    ("sample.prompt", "caf\u00e9", "'\u00e9' at 3"),
+])
+def test_config_mistakes_fail_before_any_work(tiny_config, field, value, message):
+  section, _, name = field.rpartition(".")
+  setattr(tiny_config[section] if section else tiny_config, name, value)
+  with pytest.raises(UserError, match=message):
+    training.train(tiny_config, log=quiet)
+  assert not pathlib.Path(tiny_config.workdir).exists()
 
 
 def _files(run_dir: pathlib.Path) -> dict:
