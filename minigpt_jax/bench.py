@@ -25,7 +25,6 @@ from typing import Callable, Optional
 
 import flax
 import jax
-import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
@@ -35,7 +34,7 @@ from ml_collections import config_flags
 from minigpt_jax import generate, hardware, sharding, training
 from minigpt_jax import config as config_lib
 from minigpt_jax.errors import UserError, run_cli
-from minigpt_jax.model import KVCache, ModelConfig, flops_per_token, init_params, param_count
+from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -143,23 +142,15 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
 
 def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cached: bool,
                  repeats: int, seed: int = 0) -> dict:
-  """Greedy generation of `new_tokens` per row from an empty prompt, prefill included."""
+  """Greedy generation of `new_tokens` per row from an empty prompt, through the sampler's
+  own `generate.generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
   empty = [np.zeros((0,), np.int32)] * batch
-  tokens_BP, start_B = generate.pad_prompts(empty, new_tokens, cfg.context_len)
-  P = tokens_BP.shape[1]
-  tokens_BP, key = jnp.asarray(tokens_BP), jax.random.key(seed)
-  if cached:
-    def generate_once():
-      cache = KVCache.init(cfg, batch, P + new_tokens, start_B)
-      logits_BV, cache = generate.prefill_jit(params, cfg, tokens_BP, cache)
-      new_BN, _ = generate.decode_jit(params, cfg, cache, logits_BV, key, new_tokens, GREEDY, False)
-      jax.block_until_ready(new_BN)
-  else:
-    buffer_BS = jnp.concatenate([tokens_BP, jnp.zeros((batch, new_tokens), jnp.int32)], axis=1)
-    start_B = jnp.asarray(start_B)
-    def generate_once():
-      jax.block_until_ready(generate.generate_uncached_jit(
-          params, cfg, buffer_BS, start_B, key, P, GREEDY, False))
+  P = generate.pad_prompts(empty, new_tokens, cfg.context_len)[0].shape[1]
+
+  def generate_once():
+    generate.generate_tokens(params, cfg, empty, max_new_tokens=new_tokens, sampling=GREEDY,
+                             seed=seed, use_cache=cached, stop_at_eos=False)
+
   first = timed_repeats(generate_once, 1)[0]  # compiles
   seconds = timed_repeats(generate_once, repeats)
   tok_s, tok_s_each = rate(batch * new_tokens, seconds)

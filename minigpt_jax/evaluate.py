@@ -18,7 +18,6 @@ import time
 from absl import flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from minigpt_jax import checkpoint, data, syntax, training
@@ -115,9 +114,7 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   corpora = {folder: encode_folder(folder, tok) for folder in extra_corpora}
 
   t0 = time.perf_counter()
-  data_cfg = ml_collections.ConfigDict(run_config.data.to_dict())
-  data_cfg.rebuild = False  # never rewrite or build the run's corpus
-  splits, _ = data.load_corpus(data_cfg, tok, log=log, build=False)
+  splits, _ = data.load_corpus(run_config.data, tok, log=log, build=False)  # never (re)builds
   out = {"run_dir": str(run_dir), "step": step, "batch_size": batch_size,
          "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype}
   out["val"] = {"corpus": str(pathlib.Path(run_config.data.dir) / run_config.data.name),
