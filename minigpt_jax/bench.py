@@ -2,8 +2,8 @@
 
     python -m minigpt_jax.bench --config configs/full.py [--config.a.b=value ...]
         [--batch_sizes=32,64,128] [--decode_batches=1,8] [--decode_tokens=N]
-        [--uncached_tokens=N | --skip_uncached] [--train_steps=K] [--repeats=R]
-        [--json_out=PATH]
+        [--uncached_tokens=N | --skip_uncached] [--decode_segment=S] [--train_steps=K]
+        [--repeats=R] [--json_out=PATH]
 
 Needs no corpus: training reads random token ids through the real `training.train_step`,
 jitted with the shardings and donation `training.train` uses. Decoding starts from an
@@ -141,7 +141,7 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
 # --- decoding ------------------------------------------------------------------------------
 
 def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cached: bool,
-                 repeats: int, seed: int = 0) -> dict:
+                 repeats: int, seed: int = 0, segment: int = generate.DECODE_SEGMENT) -> dict:
   """Greedy generation of `new_tokens` per row from an empty prompt, through the sampler's
   own `generate.generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
   empty = [np.zeros((0,), np.int32)] * batch
@@ -149,7 +149,7 @@ def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cache
 
   def generate_once():
     generate.generate_tokens(params, cfg, empty, max_new_tokens=new_tokens, sampling=GREEDY,
-                             seed=seed, use_cache=cached, stop_at_eos=False)
+                             seed=seed, use_cache=cached, stop_at_eos=False, segment=segment)
 
   first = timed_repeats(generate_once, 1)[0]  # compiles
   seconds = timed_repeats(generate_once, repeats)
@@ -178,7 +178,8 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8),
         decode_tokens: int = 0, uncached_tokens: int = 0, skip_uncached: bool = False,
-        train_steps: int = 10, repeats: int = 5, warmup: int = 2, command: str = "",
+        decode_segment: int = generate.DECODE_SEGMENT, train_steps: int = 10, repeats: int = 5,
+        warmup: int = 2, command: str = "",
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
   """Runs the benchmark for `config` and returns the result as a JSON-ready dict.
 
@@ -188,11 +189,14 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
     decode_tokens: new tokens per row; 0 = context_len - 1 (the most an empty prompt allows).
     uncached_tokens: new tokens for the uncached path (0 = decode_tokens); when it differs,
       the cached path is measured at this length too, so the speedup compares like with like.
+    decode_segment: the cached decode's cache grows this many slots at a time (0: none).
   """
   if config.mesh.distributed:
     raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
   if min(train_steps, repeats) < 1 or warmup < 0:
     raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
+  if decode_segment < 0:
+    raise UserError(f"--decode_segment must be >= 0 (0 = no segments), got {decode_segment}")
   cfg = ModelConfig.from_config(config.model, CharTokenizer().vocab_size)
   batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
   decode_tokens = decode_tokens or cfg.context_len - 1
@@ -237,9 +241,10 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
   for cached, b, n in decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached):
     log(f"decode: {'cached' if cached else 'uncached'}, batch {b}, {n} tokens ...")
     rows.append(bench_decode(params, cfg, batch=b, new_tokens=n, cached=cached, repeats=repeats,
-                             seed=config.seed))
+                             seed=config.seed, segment=decode_segment))
   result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
-                      "stop_at_eos": False, "repeats": repeats, "results": rows,
+                      "stop_at_eos": False, "cache_segment": decode_segment,
+                      "repeats": repeats, "results": rows,
                       "speedups": speedups(rows)}
   return result
 
@@ -288,6 +293,9 @@ def _define_flags() -> dict:
           "uncached_tokens", 0, "New tokens for the uncached path (slow: a full forward pass "
           "per token); 0 = --decode_tokens."),
       "skip_uncached": flags.DEFINE_bool("skip_uncached", False, "Skip the uncached path."),
+      "decode_segment": flags.DEFINE_integer(
+          "decode_segment", generate.DECODE_SEGMENT, "The cached decode's cache grows this many "
+          "slots at a time; 0 = allocated whole at the start (every step reads every slot)."),
       "train_steps": flags.DEFINE_integer("train_steps", 10, "Timed steps per repeat."),
       "warmup": flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling."),
       "repeats": flags.DEFINE_integer("repeats", 5, "Timed repeats; figures are medians."),
@@ -305,7 +313,8 @@ def main(argv, f: dict) -> None:
   result = run(config, batch_sizes=parse_sizes(f["batch_sizes"].value, "batch_sizes"),
                decode_batches=parse_sizes(f["decode_batches"].value, "decode_batches"),
                decode_tokens=f["decode_tokens"].value, uncached_tokens=f["uncached_tokens"].value,
-               skip_uncached=f["skip_uncached"].value, train_steps=f["train_steps"].value,
+               skip_uncached=f["skip_uncached"].value,
+               decode_segment=f["decode_segment"].value, train_steps=f["train_steps"].value,
                repeats=f["repeats"].value, warmup=f["warmup"].value,
                command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
   print(format_table(result), file=sys.stderr, flush=True)

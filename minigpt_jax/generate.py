@@ -1,8 +1,10 @@
-"""Generation: prefill the KV cache with the prompt, then a `lax.scan` decode loop.
+"""Generation: prefill the KV cache with the prompt, then `lax.scan` decode loops.
 
 Prompts are left-padded to a shared length P (a power-of-two bucket, so new
 prompt lengths rarely retrace), so every row writes the same cache slot at
-each decode step; `KVCache.start_B` masks each row's padding. The uncached
+each decode step; `KVCache.start_B` masks each row's padding. The cache grows
+in segments as tokens are added, so a decode step reads only the slots
+allocated so far, not the whole context. The uncached
 path (`generate_uncached`) reruns the full forward pass over the whole
 buffer every step: it is the reference the cached path is tested against.
 """
@@ -18,6 +20,7 @@ from minigpt_jax.sampling import SamplingConfig, sample
 from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
 
 MIN_BUCKET = 16
+DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
 
 
 def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
@@ -26,26 +29,61 @@ def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
   return logits_BPV[:, -1], cache
 
 
-def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
-           steps: int, sampling: SamplingConfig, stop_at_eos: bool = True):
-  """Samples `steps` tokens, one model call per step. Returns (tokens [B, steps], cache).
+def decode_segments(slots: int, forwards: int, segment: int) -> list[tuple[int, int]]:
+  """Static plan of the decode loop: (cache slots, model calls) for each `lax.scan`.
 
-  A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
+  The cache starts with `slots` slots, all filled, and model call i writes slot
+  `slots + i`. Each segment grows the cache to the next multiple of `segment`
+  (the last one to exactly the slots needed), so a call attends over the slots
+  allocated so far rather than over the whole context. `segment` <= 0: one scan.
+  """
+  plan, done = [], 0
+  while done < forwards:
+    write = slots + done  # the slot the next call writes
+    cap = slots + forwards
+    if segment > 0:
+      cap = min(cap, -(-(write + 1) // segment) * segment)
+    plan.append((cap, cap - write))
+    done += cap - write
+  return plan
+
+
+def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
+           steps: int, sampling: SamplingConfig, stop_at_eos: bool = True,
+           segment: int = DECODE_SEGMENT):
+  """Samples `steps` tokens after `logits_BV` (the prompt's last logits).
+
+  Token 0 comes from `logits_BV`; each later token costs one model call on the token
+  before it, so there are `steps - 1` calls, run as `lax.scan`s over the segments of
+  `decode_segments` while the cache grows. Returns (tokens [B, steps], cache holding
+  all but the last token). A row that has produced `<eos>` (with `stop_at_eos`)
+  produces `<pad>` after it. Token t is drawn with `fold_in(key, t)`, as in
+  `generate_uncached`.
   """
   model = MiniGPT(cfg)
 
-  def step(carry, t):
-    cache, logits_BV, done_B = carry
+  def pick(t, logits_BV, done_B):
     tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
     tok_B = jnp.where(done_B, PAD_ID, tok_B)
     if stop_at_eos:
       done_B = done_B | (tok_B == EOS_ID)
-    logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
-    return (cache, logits_B1V[:, 0], done_B), tok_B
+    return tok_B, done_B
 
-  done_B = jnp.zeros(logits_BV.shape[:1], bool)
-  (cache, _, _), tokens_NB = jax.lax.scan(step, (cache, logits_BV, done_B), jnp.arange(steps))
-  return tokens_NB.T, cache
+  def step(carry, t):
+    cache, tok_B, done_B = carry
+    logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
+    tok_B, done_B = pick(t, logits_B1V[:, 0], done_B)
+    return (cache, tok_B, done_B), tok_B
+
+  tok_B, done_B = pick(0, logits_BV, jnp.zeros(logits_BV.shape[:1], bool))
+  tokens = [tok_B[:, None]]
+  t = 1
+  for slots, calls in decode_segments(cache.slots, steps - 1, segment):
+    carry = (cache.grow(slots), tok_B, done_B)
+    (cache, tok_B, done_B), tokens_NB = jax.lax.scan(step, carry, jnp.arange(t, t + calls))
+    tokens.append(tokens_NB.T)
+    t += calls
+  return jnp.concatenate(tokens, axis=1), cache
 
 
 def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: jax.Array,
@@ -76,8 +114,10 @@ def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: j
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-decode_jit = jax.jit(decode, static_argnames=("cfg", "steps", "sampling", "stop_at_eos"),
-                     donate_argnames=("cache",))
+# No donation for decode: it returns a larger cache than it is given, so the input's
+# buffers could not hold the output anyway (the caller drops the prompt's cache).
+decode_jit = jax.jit(
+    decode, static_argnames=("cfg", "steps", "sampling", "stop_at_eos", "segment"))
 generate_uncached_jit = jax.jit(
     generate_uncached, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
 
@@ -115,18 +155,22 @@ def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int
 
 def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
                     sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
-                    stop_at_eos: bool = True) -> np.ndarray:
-  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens]."""
+                    stop_at_eos: bool = True, segment: int = DECODE_SEGMENT) -> np.ndarray:
+  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens].
+
+  With the cache, the prompt fills a cache of exactly its P slots, which `decode` then
+  grows `segment` slots at a time (0: straight to P + max_new_tokens - 1).
+  """
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
   key = jax.random.key(seed)
   if cfg.dtype != jnp.float32:  # cast once, not in every decode step: half the weight reads
     params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
   B, P = tokens_BP.shape
   if use_cache:
-    cache = KVCache.init(cfg, B, P + max_new_tokens, start_B)
+    cache = KVCache.init(cfg, B, P, start_B)
     logits_BV, cache = prefill_jit(params, cfg, jnp.asarray(tokens_BP), cache)
     new_BN, _ = decode_jit(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
-                           stop_at_eos)
+                           stop_at_eos, segment)
   else:
     buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
     new_BN = generate_uncached_jit(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),

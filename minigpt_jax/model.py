@@ -114,6 +114,17 @@ class KVCache:
     return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), start_B,
                jnp.zeros((), jnp.int32))
 
+  @property
+  def slots(self) -> int:
+    return self.k_LBHSK.shape[3]
+
+  def grow(self, slots: int) -> "KVCache":
+    """The same cache with `slots` slots; the new ones are empty (zeros)."""
+    if slots < self.slots:
+      raise ValueError(f"KVCache.grow: {slots} slots is fewer than the {self.slots} held")
+    pad = [(0, 0)] * 3 + [(0, slots - self.slots), (0, 0)]
+    return self.replace(k_LBHSK=jnp.pad(self.k_LBHSK, pad), v_LBHSK=jnp.pad(self.v_LBHSK, pad))
+
 
 def check_shape(module: nn.Module, name: str, x: jax.Array, expected: tuple) -> None:
   """Raises at trace time if `x` does not match `expected` (None matches any size)."""

@@ -141,6 +141,7 @@ def test_bench_cli_on_tiny_config(tmp_path):
   speed = {(s["batch"], s["new_tokens"]): s["cached_over_uncached"]
            for s in result["decode"]["speedups"]}
   assert list(speed) == [(2, 4)] and speed[2, 4] > 0
+  assert result["decode"]["cache_segment"] == bench.generate.DECODE_SEGMENT  # as when sampling
 
 
 def test_bench_cli_refuses_too_many_decode_tokens():
@@ -152,6 +153,7 @@ def test_bench_cli_refuses_too_many_decode_tokens():
 @pytest.mark.parametrize("args,message", [
     (["--config.model.n_heads=3"], "error: model.d_model 32 is not divisible by model.n_heads 3"),
     (["--json_out=/nonexistent/dir/b.json"], "error: --json_out /nonexistent/dir/b.json: no such folder"),
+    (["--decode_segment=-1"], "error: --decode_segment must be >= 0 (0 = no segments), got -1"),
 ])
 def test_bench_cli_config_mistakes_are_one_line_errors(args, message):
   proc = run_module("minigpt_jax.bench", "--config", TINY, *args, timeout=60)

@@ -64,6 +64,69 @@ def test_greedy_cached_and_uncached_sequences_identical():
   np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("slots, forwards, segment", [(1, 510, 128), (16, 47, 8), (32, 31, 16),
+                                                     (5, 3, 128), (16, 47, 0), (7, 0, 8)])
+def test_decode_segments_cover_every_call_in_growing_caches(slots, forwards, segment):
+  plan = generate.decode_segments(slots, forwards, segment)
+  assert sum(calls for _, calls in plan) == forwards
+  write = slots
+  for i, (cap, calls) in enumerate(plan):
+    assert calls >= 1 and cap == write + calls  # the segment's calls fill its new slots
+    if segment > 0:
+      assert cap - write <= segment
+      assert cap % segment == 0 or i == len(plan) - 1
+    write = cap
+  assert write == slots + forwards  # the last call's slot is the last one allocated
+
+
+def test_decode_segments_by_hand():
+  # Empty prompt (1 slot), 511 new tokens -> 510 model calls.
+  assert generate.decode_segments(1, 510, 128) == [(128, 127), (256, 128), (384, 128),
+                                                   (511, 127)]
+  assert generate.decode_segments(1, 510, 0) == [(511, 510)]
+  assert generate.decode_segments(16, 20, 128) == [(36, 20)]
+
+
+@pytest.mark.parametrize("segment", [0, 4, 16])
+def test_segmented_decode_equals_uncached(segment):
+  """Segment boundaries (the cache growing mid-generation) change no token."""
+  prompts = [_random_prompt(n, 200 + n) for n in (1, 7, 22)]
+  sampled = SamplingConfig(temperature=0.8, top_k=30)
+  for sampling in (GREEDY, sampled):
+    a = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=33, sampling=sampling,
+                                 seed=3, stop_at_eos=False, segment=segment)
+    b = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=33, sampling=sampling,
+                                 seed=3, stop_at_eos=False, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_decode_makes_one_model_call_per_token_after_the_first():
+  """N new tokens: the first comes from the prefill logits, then N - 1 calls, each writing
+  one cache slot; no call is spent after the last token."""
+  tokens_BP, start_B = generate.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
+  P = tokens_BP.shape[1]
+  cache = KVCache.init(CFG, 1, P, start_B)
+  logits_BV, cache = generate.prefill_jit(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
+  assert cache.slots == P and int(cache.index) == P
+  new_BN, cache = generate.decode_jit(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 20,
+                                      GREEDY, False, 8)
+  assert new_BN.shape == (1, 20)
+  assert cache.slots == P + 19 and int(cache.index) == P + 19
+  k = np.asarray(cache.k_LBHSK)
+  assert np.abs(k[:, :, :, start_B[0]:]).sum(axis=(0, 1, 2, 4)).min() > 0  # every slot written
+
+
+def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():
+  cache = KVCache.init(CFG, 2, 5)
+  cache = cache.replace(k_LBHSK=cache.k_LBHSK + 1.0, index=jnp.int32(5))
+  grown = cache.grow(9)
+  assert grown.slots == 9 and int(grown.index) == 5
+  np.testing.assert_array_equal(grown.k_LBHSK[:, :, :, :5], cache.k_LBHSK)
+  assert np.abs(np.asarray(grown.k_LBHSK[:, :, :, 5:])).max() == 0
+  with pytest.raises(ValueError, match="fewer than the 9"):
+    grown.grow(4)
+
+
 def test_bfloat16_generation_cached_equals_uncached():
   """The 16-bit path (parameters cast once before decoding) is consistent too."""
   cfg = ModelConfig(**{**CFG.__dict__, "compute_dtype": "bfloat16"})
