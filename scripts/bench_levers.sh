@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One `minigpt_jax.bench` run per lever of BENCHMARKS.md, on whatever device JAX finds,
+# then a table of the results. Each run changes one thing from the baseline (the full
+# config as `"auto"` resolves it: bf16 compute, cuDNN attention on GPU, vocab padded to
+# 128, decode cache grown 128 slots at a time). A run that fails is reported and skipped.
+#
+#   [CONFIG=configs/full.py] scripts/bench_levers.sh OUT_DIR [extra bench flags ...]
+#
+# Writes OUT_DIR/<lever>.json for each run and OUT_DIR/levers.md (the table).
+set -u
+out=${1:?usage: [CONFIG=configs/full.py] scripts/bench_levers.sh OUT_DIR [extra bench flags ...]}
+shift
+mkdir -p "$out"
+common=(--config "${CONFIG:-configs/full.py}" --batch_sizes=128 --decode_batches=1,8
+        --skip_uncached --train_steps=10 --warmup=2 --repeats=3 "$@")
+
+lever() {  # lever NAME EXTRA_XLA_FLAGS [bench flags ...]
+  local name=$1 xla=$2
+  shift 2
+  echo "== $name: XLA_FLAGS+='$xla' $*" >&2
+  local flags
+  flags=$(echo "${XLA_FLAGS:-} $xla" | xargs)  # XLA reads a value not starting with -- as a file
+  env ${flags:+XLA_FLAGS="$flags"} python -m minigpt_jax.bench "${common[@]}" "$@" \
+      --json_out="$out/$name.json" > /dev/null || echo "== $name failed (exit $?)" >&2
+}
+
+lever baseline ""
+lever attention_xla "" --config.model.attention_impl=xla
+lever float32 "" --config.model.compute_dtype=float32
+lever vocab_unpadded "" --config.model.vocab_pad_multiple=1
+lever decode_unsegmented "" --batch_sizes= --decode_segment=0
+lever no_command_buffers "--xla_gpu_enable_command_buffer="
+
+python - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rows = ["| lever | compute, attention | train batch | train tok/s | MFU | decode b1 tok/s | decode b8 tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|"]
+for path in sorted(out.glob("*.json"), key=lambda p: (p.stem != "baseline", p.stem)):
+  r = json.loads(path.read_text())
+  train = max(r["train"]["results"], key=lambda t: t["batch_size"], default=None)
+  dec = {d["batch"]: d["tokens_per_s"] for d in r["decode"]["results"] if d["mode"] == "cached"}
+  fmt = lambda x: "-" if x is None else f"{x:,.0f}"
+  rows.append(f"| {path.stem} | {r['compute_dtype']}, {r['attention_impl']} | "
+              f"{fmt(train and train['batch_size'])} | {fmt(train and train['tokens_per_s'])} | "
+              f"{'-' if not train or train['mfu'] is None else format(train['mfu'], '.1%')} | "
+              f"{fmt(dec.get(1))} | {fmt(dec.get(8))} |")
+rows.append(f"\n{r['device_kind']}, jax {r['versions']['jax']}, {r['date']}")
+(out / "levers.md").write_text("\n".join(rows) + "\n")
+print("\n".join(rows))
+PY
