@@ -4,9 +4,12 @@
     checkpoints/<run>/tokenizer.json
     checkpoints/<run>/metrics.jsonl    appended by training
     checkpoints/<run>/ckpt/<step>/     Orbax: items "params" and "opt_state", "meta"
+    checkpoints/<run>/.lock            held (flock) by the training process writing the run
 """
 
+import fcntl
 import json
+import os
 import pathlib
 from typing import Optional
 
@@ -26,6 +29,28 @@ def manager(run_dir: pathlib.Path, keep: int = 3, read_only: bool = False) -> oc
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
+
+
+def lock_run_dir(run_dir: pathlib.Path):
+  """Takes the run's lock, so that two trainings never write one run; returns the open lock
+  file (closing it, or the process ending, releases the lock). Raises UserError if another
+  process holds it. Where the filesystem has no locks, goes on unlocked."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  f = open(run_dir / ".lock", "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise UserError(f"{run_dir} is being trained by {holder}; wait for it to finish or pick "
+                    "another --config.run_name")
+  except OSError:  # e.g. a network filesystem without flock
+    return f
+  f.truncate(0)
+  f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+  f.flush()
+  return f
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:

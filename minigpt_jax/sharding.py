@@ -3,6 +3,7 @@ parameters and optimizer state replicated, or split over "fsdp" (ZeRO-3 style);
 and joining JAX's multi-process runtime (one process per host or per GPU)."""
 
 import math
+from typing import Optional
 
 import jax
 import numpy as np
@@ -84,6 +85,17 @@ def sync_processes(name: str) -> None:
   """A barrier across all processes; a no-op in a single process."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def raise_if_lead_failed(error: Optional[BaseException], what: str) -> None:
+  """A barrier at which process 0 tells the others whether `what` (done by it alone) failed:
+  then process 0 raises `error` and the others a UserError, rather than waiting for it."""
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is None and int(failed):
+      raise UserError(f"process 0 failed while {what}; its output says why")
+  if error is not None:
+    raise error
 
 
 def check_same_on_all_processes(text: str, what: str) -> None:

@@ -169,19 +169,43 @@ class RunSummary:
 
 
 def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
-  """Trains (or resumes) the run `config.workdir/config.run_name`."""
+  """Trains (or resumes) the run `config.workdir/config.run_name`.
+
+  Process 0 holds the run directory's lock throughout, so a second training of the same
+  run (started by mistake, or without `mesh.distributed`) stops at once with an error.
+  """
   config_lib.validate(config)
   if config.train.debug_recompiles:
     jax.config.update("jax_log_compiles", True)
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
+  run_dir = pathlib.Path(config.workdir) / config.run_name
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = checkpoint.lock_run_dir(run_dir)
+    except Exception as e:  # raised below on every process
+      error = e
+  sharding.raise_if_lead_failed(error, f"locking {run_dir}")
+  try:
+    return _train(config, run_dir, log)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> RunSummary:
   lead = jax.process_index() == 0
   say = log if lead else (lambda *_: None)
 
   tok = CharTokenizer()
+  error = None
   if lead:  # one process prepares the corpus, the others wait and then load it
-    splits, manifest = data.load_corpus(config.data, tok, log=say)
-  sharding.sync_processes("corpus ready")
+    try:
+      splits, manifest = data.load_corpus(config.data, tok, log=say)
+    except Exception as e:  # raised below on every process
+      error = e
+  sharding.raise_if_lead_failed(error, "preparing the corpus")
   if not lead:  # hosts without a shared filesystem need a copy of data.dir/data.name each
     splits, manifest = data.load_corpus(config.data, tok, log=say, build=False)
   sharding.check_same_on_all_processes(
@@ -196,7 +220,6 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     raise UserError(f"train.batch_size {config.train.batch_size} is not divisible by the "
                     f"{mesh.size} devices of the mesh")
 
-  run_dir = pathlib.Path(config.workdir) / config.run_name
   run_dir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(run_dir, keep=config.train.keep)
   saved_cfg_path = run_dir / "config.json"

@@ -115,6 +115,17 @@ def test_train_empty_corpus(tmp_path, corpus_dir):
   assert proc.returncode == 2
 
 
+def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):
+  held = checkpoint.lock_run_dir(tmp_path / "runs" / "tiny")  # this process "is training" it
+  try:
+    proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir))
+  finally:
+    held.close()
+  _one_line_error(proc, "is being trained by pid", "pick another --config.run_name")
+  assert proc.returncode == 2
+  assert not (tmp_path / "runs" / "tiny" / "ckpt").exists()
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--checkpoint", "/nonexistent/run"], "does not exist"),
     (["--step", "7"], "no checkpoint for step 7"),

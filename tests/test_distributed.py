@@ -129,10 +129,10 @@ def _start(n_devices: int, args: dict) -> subprocess.Popen:
   return p
 
 
-def _finish(procs: list, timeout: float = 150) -> list[tuple[dict, str]]:
+def _wait(procs: list, timeout: float) -> list[tuple[int, str, str]]:
   """Waits for all children, killing every one left once `timeout` s have passed.
 
-  Returns (result, stdout) per child."""
+  Returns (exit status, stdout, stderr) per child (-9: killed)."""
   deadline = time.monotonic() + timeout
   try:
     for p in procs:
@@ -144,13 +144,20 @@ def _finish(procs: list, timeout: float = 150) -> list[tuple[dict, str]]:
       if p.poll() is None:
         p.kill()
         p.wait()
-  results = []
+  outs = []
   for p in procs:
     p.out.seek(0), p.err.seek(0)
-    stdout, stderr = p.out.read(), p.err.read()
+    outs.append((p.returncode, p.out.read(), p.err.read()))
     p.out.close(), p.err.close()
+  return outs
+
+
+def _finish(procs: list, timeout: float = 150) -> list[tuple[dict, str]]:
+  """Waits for all children, which must succeed. Returns (result, stdout) per child."""
+  results = []
+  for rc, stdout, stderr in _wait(procs, timeout):
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, f"child failed (rc {p.returncode}):\n{stderr[-3000:]}"
+    assert rc == 0 and lines, f"child failed (rc {rc}):\n{stderr[-3000:]}"
     results.append((json.loads(lines[-1][len("RESULT "):]), stdout))
   return results
 
@@ -281,3 +288,22 @@ def test_two_processes_match_one_process(runs):
   assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))
   assert [r["step"] for r in rows if r["kind"] == "eval"] == [STEPS] and rows[-1]["samples"]
   assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == [str(STEPS)]
+
+
+def test_when_process_0_cannot_prepare_the_corpus_every_process_stops(runs, tmp_path):
+  """Process 0 alone builds the corpus; when that fails, process 1 must not wait for it
+  at a barrier until the runtime times out, but stop at once and say why."""
+  if not _has_cpu_collectives():
+    pytest.skip("this jaxlib has no gloo CPU collectives, so CPU processes cannot talk")
+  (tmp_path / "empty").mkdir()
+  base = runs["overrides"]("no_corpus", **{
+      "data.roots": [str(tmp_path / "empty")], "data.dir": str(tmp_path / "data"),
+      "mesh.distributed": True, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}",
+      "mesh.num_processes": 2})
+  t0 = time.monotonic()
+  outs = _wait([_start(1, {"distributed": True, "runs": [{**base, "mesh.process_id": i}]})
+                for i in range(2)], timeout=90)
+  (rc0, _, err0), (rc1, _, err1) = outs
+  assert rc0 not in (0, -9) and "the corpus has no train text" in err0, err0[-2000:]
+  assert rc1 not in (0, -9) and "process 0 failed while preparing the corpus" in err1, err1[-2000:]
+  assert time.monotonic() - t0 < 60

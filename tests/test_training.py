@@ -1,3 +1,4 @@
+import os
 import pathlib
 import shutil
 
@@ -91,7 +92,24 @@ def test_config_mistakes_fail_before_any_work(tiny_config, field, value, message
 
 
 def _files(run_dir: pathlib.Path) -> dict:
-  return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+  """Every file of a run but its lock (which names the last process that trained it)."""
+  return {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_run_being_trained_is_not_trained_again_at_the_same_time(tiny_config):
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  tiny_config.train.steps = 2
+  tiny_config.sample.num_samples = 0
+  held = checkpoint.lock_run_dir(run_dir)  # as a training process would hold it
+  try:
+    with pytest.raises(UserError, match=f"{run_dir} is being trained by pid {os.getpid()} on "):
+      training.train(tiny_config, log=quiet)
+  finally:
+    held.close()
+  assert not (run_dir / "ckpt").exists()
+  assert training.train(tiny_config, log=quiet).last_step == 2  # released: it trains
+  held = checkpoint.lock_run_dir(run_dir)  # and training released it again when done
+  held.close()
 
 
 def test_resume_with_another_model_is_refused_and_keeps_the_run(tiny_config):
