@@ -281,8 +281,12 @@ def test_two_processes_match_one_process(runs):
     up = run["saved"][str(STEPS)]["['block_0']['ffn']['up']['kernel']"]
     assert up == ["P(None, 'fsdp')", [[32, 32]] * 2]  # 2 of the 4 quarters each
   # Only process 0 reports: progress, samples, metrics.
-  assert "sample 0 at step" in out0 and "loss" in out0
-  assert not [l for l in out1.splitlines() if l.strip() and not l.startswith(("RESULT ", "[Gloo]"))]
+  assert "sample 0 at step" in out0
+  # (Process 1's stdout also holds gloo's connection messages, whose lines can arrive
+  # split when threads write at once; so look for what process 0 reports instead.)
+  ours = ("loss", "sample", "step")
+  assert all(m in out0 for m in ours)
+  assert not [m for m in ours if m in out1], out1[-2000:]
   run_dir = runs["tmp"] / "runs" / "two_procs"
   rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, STEPS + 1))
