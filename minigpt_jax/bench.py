@@ -195,8 +195,9 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
     raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
   if min(train_steps, repeats) < 1 or warmup < 0:
     raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
-  if decode_segment < 0:
-    raise UserError(f"--decode_segment must be >= 0 (0 = no segments), got {decode_segment}")
+  if decode_segment < 0 or 0 < decode_segment < 16:
+    raise UserError(f"--decode_segment must be 0 (no segments) or >= 16 (each segment "
+                    f"compiles its own loop), got {decode_segment}")
   cfg = ModelConfig.from_config(config.model, CharTokenizer().vocab_size)
   batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
   decode_tokens = decode_tokens or cfg.context_len - 1

@@ -9,6 +9,7 @@
 
 import fcntl
 import json
+import logging
 import os
 import pathlib
 from typing import Optional
@@ -34,9 +35,13 @@ def manager(run_dir: pathlib.Path, keep: int = 3, read_only: bool = False) -> oc
 def lock_run_dir(run_dir: pathlib.Path):
   """Takes the run's lock, so that two trainings never write one run; returns the open lock
   file (closing it, or the process ending, releases the lock). Raises UserError if another
-  process holds it. Where the filesystem has no locks, goes on unlocked."""
-  run_dir.mkdir(parents=True, exist_ok=True)
-  f = open(run_dir / ".lock", "a+")
+  process holds it or the folder cannot be made. Where the filesystem has no locks, warns
+  and goes on unlocked."""
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+  except OSError as e:
+    raise UserError(f"cannot create the run folder {run_dir}: {e.strerror or e}")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -45,11 +50,16 @@ def lock_run_dir(run_dir: pathlib.Path):
     f.close()
     raise UserError(f"{run_dir} is being trained by {holder}; wait for it to finish or pick "
                     "another --config.run_name")
-  except OSError:  # e.g. a network filesystem without flock
+  except OSError as e:  # e.g. a network filesystem without flock
+    logging.warning("cannot lock %s (%s); training it unlocked", run_dir / ".lock", e)
     return f
-  f.truncate(0)
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-  f.flush()
+  try:  # name the holder for whoever finds the lock taken
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+  except OSError:
+    f.close()
+    raise
   return f
 
 

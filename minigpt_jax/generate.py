@@ -59,7 +59,13 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   all but the last token). A row that has produced `<eos>` (with `stop_at_eos`)
   produces `<pad>` after it. Token t is drawn with `fold_in(key, t)`, as in
   `generate_uncached`.
+
+  The segments are planned from the cache's slot count, taking it to be full, as
+  `prefill` into `KVCache.init(cfg, B, P)` leaves it. A cache with free slots still gives
+  the same tokens, but grows by `steps - 1` slots beyond its size all the same.
   """
+  if steps < 1:
+    raise ValueError(f"decode: steps must be >= 1, got {steps}")
   model = MiniGPT(cfg)
 
   def pick(t, logits_BV, done_B):

@@ -186,10 +186,10 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
       lock = checkpoint.lock_run_dir(run_dir)
     except Exception as e:  # raised below on every process
       error = e
-  sharding.raise_if_lead_failed(error, f"locking {run_dir}")
   try:
+    sharding.raise_if_lead_failed(error, f"locking {run_dir}")
     return _train(config, run_dir, log)
-  finally:
+  finally:  # on errors too: a failed run must not keep its run locked
     if lock is not None:
       lock.close()
 

@@ -18,6 +18,7 @@ lever() {  # lever NAME EXTRA_XLA_FLAGS [bench flags ...]
   local name=$1 xla=$2
   shift 2
   echo "== $name: XLA_FLAGS+='$xla' $*" >&2
+  rm -f "$out/$name.json"  # a failed run must not leave an older run's figures behind
   local flags
   flags=$(echo "${XLA_FLAGS:-} $xla" | xargs)  # XLA reads a value not starting with -- as a file
   env ${flags:+XLA_FLAGS="$flags"} python -m minigpt_jax.bench "${common[@]}" "$@" \
@@ -45,6 +46,8 @@ for path in sorted(out.glob("*.json"), key=lambda p: (p.stem != "baseline", p.st
               f"{fmt(train and train['batch_size'])} | {fmt(train and train['tokens_per_s'])} | "
               f"{'-' if not train or train['mfu'] is None else format(train['mfu'], '.1%')} | "
               f"{fmt(dec.get(1))} | {fmt(dec.get(8))} |")
+if len(rows) == 2:
+  sys.exit(f"no lever produced a result in {out}")
 rows.append(f"\n{r['device_kind']}, jax {r['versions']['jax']}, {r['date']}")
 (out / "levers.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))

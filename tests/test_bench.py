@@ -153,7 +153,10 @@ def test_bench_cli_refuses_too_many_decode_tokens():
 @pytest.mark.parametrize("args,message", [
     (["--config.model.n_heads=3"], "error: model.d_model 32 is not divisible by model.n_heads 3"),
     (["--json_out=/nonexistent/dir/b.json"], "error: --json_out /nonexistent/dir/b.json: no such folder"),
-    (["--decode_segment=-1"], "error: --decode_segment must be >= 0 (0 = no segments), got -1"),
+    (["--decode_segment=-1"], "error: --decode_segment must be 0 (no segments) or >= 16 "
+                              "(each segment compiles its own loop), got -1"),
+    (["--decode_segment=4"], "error: --decode_segment must be 0 (no segments) or >= 16 "
+                             "(each segment compiles its own loop), got 4"),
 ])
 def test_bench_cli_config_mistakes_are_one_line_errors(args, message):
   proc = run_module("minigpt_jax.bench", "--config", TINY, *args, timeout=60)

@@ -7,7 +7,7 @@ from minigpt_jax import generate
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig, init_params
 from minigpt_jax.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
-from minigpt_jax.tokenizer import CharTokenizer, TokenizerError
+from minigpt_jax.tokenizer import EOS_ID, CharTokenizer, TokenizerError
 
 CFG = ModelConfig(vocab_size=99, context_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
                   vocab_pad_multiple=1)
@@ -89,15 +89,21 @@ def test_decode_segments_by_hand():
 
 @pytest.mark.parametrize("segment", [0, 4, 16])
 def test_segmented_decode_equals_uncached(segment):
-  """Segment boundaries (the cache growing mid-generation) change no token."""
+  """Segment boundaries (the cache growing mid-generation) change no token, with and
+  without stopping at <eos> (hot sampling makes rows stop early), down to one new token."""
   prompts = [_random_prompt(n, 200 + n) for n in (1, 7, 22)]
   sampled = SamplingConfig(temperature=0.8, top_k=30)
-  for sampling in (GREEDY, sampled):
-    a = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=33, sampling=sampling,
-                                 seed=3, stop_at_eos=False, segment=segment)
-    b = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=33, sampling=sampling,
-                                 seed=3, stop_at_eos=False, use_cache=False)
+  hot = SamplingConfig(temperature=3.0)
+  runs = [(GREEDY, 33, False), (sampled, 33, False), (hot, 33, True), (sampled, 1, True)]
+  stopped = 0
+  for sampling, n, stop in runs:
+    kw = dict(max_new_tokens=n, sampling=sampling, seed=3, stop_at_eos=stop)
+    a = generate.generate_tokens(PARAMS, CFG, prompts, segment=segment, **kw)
+    b = generate.generate_tokens(PARAMS, CFG, prompts, use_cache=False, **kw)
+    assert a.shape == (3, n)
     np.testing.assert_array_equal(a, b)
+    stopped += int(stop and (a[:, :-1] == EOS_ID).any())
+  assert stopped  # the <eos> case was really exercised
 
 
 def test_decode_makes_one_model_call_per_token_after_the_first():
@@ -114,6 +120,8 @@ def test_decode_makes_one_model_call_per_token_after_the_first():
   assert cache.slots == P + 19 and int(cache.index) == P + 19
   k = np.asarray(cache.k_LBHSK)
   assert np.abs(k[:, :, :, start_B[0]:]).sum(axis=(0, 1, 2, 4)).min() > 0  # every slot written
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    generate.decode(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 0, GREEDY)
 
 
 def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():

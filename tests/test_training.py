@@ -112,6 +112,24 @@ def test_a_run_being_trained_is_not_trained_again_at_the_same_time(tiny_config):
   held.close()
 
 
+def test_a_failed_training_releases_the_run(tiny_config):
+  """The error (and its traceback, which keeps train's frame alive) must not keep the lock."""
+  tiny_config.mesh.data = 2  # one CPU device: the mesh cannot be made, after the lock is taken
+  with pytest.raises(UserError, match="mesh") as failed:
+    training.train(tiny_config, log=quiet)
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  assert (run_dir / ".lock").exists()
+  checkpoint.lock_run_dir(run_dir).close()  # free again, while the traceback still lives
+  assert failed.traceback  # (kept alive until here)
+
+
+def test_a_run_folder_that_cannot_be_made_is_a_clear_error(tiny_config):
+  pathlib.Path(tiny_config.workdir).mkdir(parents=True)
+  (pathlib.Path(tiny_config.workdir) / tiny_config.run_name).write_text("not a folder")
+  with pytest.raises(UserError, match="cannot create the run folder"):
+    training.train(tiny_config, log=quiet)
+
+
 def test_resume_with_another_model_is_refused_and_keeps_the_run(tiny_config):
   tiny_config.train.steps = 10
   tiny_config.sample.num_samples = 0
