@@ -79,9 +79,9 @@ class TrainReporter:
   and the samples folder. Every process calls it; only the lead one writes."""
 
   def __init__(self, run_dir: pathlib.Path, lead: bool, start: int, total: int,
-               tokens_per_step: int, mfu_fn, lr_fn):
+               tokens_per_step: int, mfu_fn):
     self.run_dir, self.lead = pathlib.Path(run_dir), lead
-    self.tokens_per_step, self.mfu_fn, self.lr_fn = tokens_per_step, mfu_fn, lr_fn
+    self.tokens_per_step, self.mfu_fn = tokens_per_step, mfu_fn
     self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=lead)
     self.progress = Progress(start, total, enabled=lead)
     self.train_losses, self.val_losses = {}, {}
@@ -98,7 +98,7 @@ class TrainReporter:
     util = self.mfu_fn(tok_s)
     self.log.write({"kind": "train", "step": step, "tokens": step * self.tokens_per_step,
                     "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                    "lr": float(self.lr_fn(step)), "tokens_per_s": tok_s, "mfu": util,
+                    "lr": metrics.get("lr"), "tokens_per_s": tok_s, "mfu": util,
                     "time": time.time()})
     self.train_losses[step] = metrics["loss"]
     mfu_text = f" mfu {util:.1%}" if util is not None else ""

@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import pathlib
+from typing import Optional
 
 import flax.struct
 import jax
@@ -69,8 +70,10 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Arra
 
 
 def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding=None):
-  """One optimizer step on the batch fixed by (seed, step). Returns (state, metrics)."""
+               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding=None,
+               schedule: Optional[optax.Schedule] = None):
+  """One optimizer step on the batch fixed by (seed, step). Returns (state, metrics);
+  with `schedule` (tx's learning rate), metrics include the rate this step used."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   inputs_BT, targets_BT = data.get_batch(train_N, key, batch_size, cfg.context_len)
   if batch_sharding is not None:
@@ -82,6 +85,8 @@ def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
   norm = lambda tree: jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
   # The loss is that of the old parameters; the update norm shows whether the new ones are finite.
   metrics = {"loss": loss, "grad_norm": norm(grads), "update_norm": norm(updates)}
+  if schedule is not None:  # computed here, so the host reads it with the other metrics
+    metrics["lr"] = schedule(state.step)
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -132,7 +137,7 @@ def jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int
   batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
   return jax.jit(
       functools.partial(train_step, cfg=cfg, tx=tx, batch_size=batch_size, seed=config.seed,
-                        batch_sharding=batch_sh),
+                        batch_sharding=batch_sh, schedule=lr_schedule(config.train)),
       in_shardings=(state_sh, sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -265,8 +270,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
   end = min(config.train.steps, config.train.stop_at_step or config.train.steps)
   tokens_per_step = config.train.batch_size * cfg.context_len
   reporter = report.TrainReporter(run_dir, lead, start, config.train.steps, tokens_per_step,
-                                  mfu_fn=lambda tok_s: hardware.mfu(fpt, tok_s),
-                                  lr_fn=lr_schedule(config.train))
+                                  mfu_fn=lambda tok_s: hardware.mfu(fpt, tok_s))
   sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
                             top_p=config.sample.top_p)
   sample_tokens = min(config.sample.max_new_tokens,

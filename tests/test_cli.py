@@ -43,6 +43,12 @@ def test_train_cli_writes_a_complete_run(trained_run):
   assert [r["step"] for r in train] == [5, 10, 15, 20]
   assert [r["step"] for r in evals] == [10, 20] and evals[0]["samples"][0].startswith("def ")
   assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+  # The learning rate each logged step's update used: tiny warms up over 2 steps to 3e-3,
+  # then cosine-decays to 3e-4 at step 20; update 20 runs at count 19, a little above it:
+  # 3e-4 + 2.7e-3 * (1 + cos(pi * 17 / 18)) / 2 = 3.2055e-4.
+  lrs = [r["lr"] for r in train]
+  assert lrs == sorted(lrs, reverse=True) and lrs[0] < 3e-3
+  assert abs(lrs[-1] - 3.2055e-4) < 1e-7, lrs
   assert all(0 <= r["syntax_rate"] <= 1 and r["val_bpc"] > 0 for r in evals)
   saved = sorted(p.name for p in (run / "samples").iterdir())
   assert saved == ["step_0000010.txt", "step_0000020.txt"]
