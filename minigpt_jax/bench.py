@@ -36,7 +36,7 @@ from minigpt_jax import config as config_lib
 from minigpt_jax.errors import UserError, run_cli
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
-from minigpt_jax.tokenizer import CharTokenizer
+from minigpt_jax.tokenizer import CharTokenizer, room_after_prompt
 
 SCHEMA = "minigpt_jax.bench/1"
 DATA_TOKENS = 4 << 20  # random ids the training step samples its windows from
@@ -200,11 +200,12 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
                     f"compiles its own loop), got {decode_segment}")
   cfg = ModelConfig.from_config(config.model, CharTokenizer().vocab_size)
   batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
-  decode_tokens = decode_tokens or cfg.context_len - 1
+  room = room_after_prompt(0, cfg.context_len)  # the prompt is empty
+  decode_tokens = decode_tokens or room
   uncached_tokens = uncached_tokens or decode_tokens
   for n in (decode_tokens, uncached_tokens):
-    if not 1 <= n <= cfg.context_len - 1:
-      raise UserError(f"decode tokens must be in [1, {cfg.context_len - 1}] (context_len - 1: "
+    if not 1 <= n <= room:
+      raise UserError(f"decode tokens must be in [1, {room}] (context_len - 1: "
                       f"one slot holds the start marker), got {n}")
   mesh = sharding.make_mesh(config.mesh)
   for b in batch_sizes:

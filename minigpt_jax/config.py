@@ -6,7 +6,7 @@ Units: sizes of text in characters (= tokens), schedules in optimizer steps.
 from ml_collections import ConfigDict
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.tokenizer import CharTokenizer
+from minigpt_jax.tokenizer import CharTokenizer, room_after_prompt
 
 
 def base_config() -> ConfigDict:
@@ -119,7 +119,7 @@ def validate(c: ConfigDict) -> None:
     raise UserError("sample.temperature must be > 0, sample.top_p in (0, 1], sample.top_k >= 0")
   if c.sample.num_samples < 0 or c.sample.max_new_tokens < 1:
     raise UserError("sample.num_samples must be >= 0 and sample.max_new_tokens >= 1")
-  if c.sample.num_samples and len(c.sample.prompt) + 2 > c.model.context_len:
+  if c.sample.num_samples and room_after_prompt(len(c.sample.prompt), c.model.context_len) < 1:
     raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) leaves no room in the "
                     f"context of {c.model.context_len}")
   if not c.run_name or "/" in c.run_name or c.run_name.startswith("."):

@@ -24,7 +24,7 @@ from minigpt_jax import checkpoint, data, syntax, training
 from minigpt_jax.errors import UserError, run_cli
 from minigpt_jax.model import ModelConfig
 from minigpt_jax.sampling import SamplingConfig
-from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
+from minigpt_jax.tokenizer import EOS_ID, CharTokenizer, room_after_prompt
 
 # Each prompt opens a top-level statement; samples cycle through them.
 PROMPTS = ("def ", "class ", "import ", "for ", "if __name__")
@@ -125,7 +125,7 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   out["loss_seconds"] = time.perf_counter() - t0
 
   if num_samples:
-    fit = cfg.context_len - max(len(p) for p in PROMPTS) - 1  # one slot holds the start marker
+    fit = room_after_prompt(max(len(p) for p in PROMPTS), cfg.context_len)
     if fit < 1:
       raise UserError(f"context length {cfg.context_len} leaves no room to sample after "
                       f"the prompts {PROMPTS}")

@@ -17,7 +17,7 @@ import numpy as np
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig
 from minigpt_jax.sampling import SamplingConfig, sample
-from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
+from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer, room_after_prompt
 
 MIN_BUCKET = 16
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
@@ -146,7 +146,7 @@ def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int
     raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   rows = [np.concatenate([[EOS_ID], np.asarray(p, np.int32)]) for p in prompts]
   longest = max(len(r) for r in rows)
-  if longest + max_new_tokens > context_len:
+  if max_new_tokens > room_after_prompt(longest - 1, context_len):
     raise UserError(
         f"prompt of {longest - 1} chars + max_new_tokens {max_new_tokens} exceed the context "
         f"length {context_len} (one slot holds the start marker); shorten the prompt or lower "

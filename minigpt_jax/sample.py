@@ -44,7 +44,7 @@ def main(argv):
       raise UserError(f"cannot read --prompt_file: {e}")
   prompts = prompts or ["def "]
 
-  from minigpt_jax import checkpoint, generate, sampling  # after flag parsing: --help stays fast
+  from minigpt_jax import checkpoint, generate, sampling, tokenizer  # after flag parsing: --help stays fast
   try:
     cfg_sampling = sampling.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
                                            top_p=_TOP_P.value, greedy=_GREEDY.value)
@@ -57,7 +57,8 @@ def main(argv):
   rows = [p for p in prompts for _ in range(_NUM.value)]
   max_new = _MAX_NEW.value
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
-    max_new = max(1, min(max_new, cfg.context_len - 1 - max(len(p) for p in prompts)))
+    room = tokenizer.room_after_prompt(max(len(p) for p in prompts), cfg.context_len)
+    max_new = max(1, min(max_new, room))
   t0 = time.perf_counter()
   texts = generate.generate_text(
       params, cfg, tok, rows, max_new_tokens=max_new, sampling=cfg_sampling,

@@ -20,7 +20,7 @@ from minigpt_jax import config as config_lib
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import MiniGPT, ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.sampling import SamplingConfig
-from minigpt_jax.tokenizer import CharTokenizer
+from minigpt_jax.tokenizer import CharTokenizer, room_after_prompt
 
 # Config fields a resumed run may change; any other difference is refused.
 RESUMABLE_CHANGES = ("workdir", "run_name", "data.dir", "data.rebuild", "train.steps",
@@ -274,7 +274,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
   sampling = SamplingConfig(temperature=config.sample.temperature, top_k=config.sample.top_k,
                             top_p=config.sample.top_p)
   sample_tokens = min(config.sample.max_new_tokens,
-                      cfg.context_len - len(config.sample.prompt) - 1)
+                      room_after_prompt(len(config.sample.prompt), cfg.context_len))
 
   def record_train(step, metrics):
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

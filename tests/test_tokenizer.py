@@ -42,3 +42,10 @@ def test_decode_specials_and_eos_stop():
 
 def test_serialisation_round_trip():
   assert CharTokenizer.from_dict(tok.to_dict()) == tok
+
+
+def test_room_after_prompt_counts_the_start_marker():
+  from minigpt_jax.tokenizer import room_after_prompt
+  assert room_after_prompt(0, 512) == 511  # an empty prompt is the marker alone
+  assert room_after_prompt(4, 128) == 123  # "def " + marker leave 123 of 128 slots
+  assert room_after_prompt(127, 128) == 0
