@@ -23,6 +23,18 @@ MIN_BUCKET = 16
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
 
 
+def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
+               sampling: SamplingConfig, stop_at_eos: bool):
+  """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done.
+
+  Both decode paths call this, so they pick alike. Returns (tokens [B], done [B])."""
+  tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
+  tok_B = jnp.where(done_B, PAD_ID, tok_B)
+  if stop_at_eos:
+    done_B = done_B | (tok_B == EOS_ID)
+  return tok_B, done_B
+
+
 def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
   """Runs the prompts through the model once. Returns (last logits [B, V], filled cache)."""
   logits_BPV, cache = MiniGPT(cfg).apply({"params": params}, tokens_BP, cache=cache)
@@ -57,8 +69,7 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   before it, so there are `steps - 1` calls, run as `lax.scan`s over the segments of
   `decode_segments` while the cache grows. Returns (tokens [B, steps], cache holding
   all but the last token). A row that has produced `<eos>` (with `stop_at_eos`)
-  produces `<pad>` after it. Token t is drawn with `fold_in(key, t)`, as in
-  `generate_uncached`.
+  produces `<pad>` after it. Tokens are picked by `next_token`, as in `generate_uncached`.
 
   The segments are planned from the cache's slot count, taking it to be full, as
   `prefill` into `KVCache.init(cfg, B, P)` leaves it. A cache with free slots still gives
@@ -67,13 +78,7 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   if steps < 1:
     raise ValueError(f"decode: steps must be >= 1, got {steps}")
   model = MiniGPT(cfg)
-
-  def pick(t, logits_BV, done_B):
-    tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
-    tok_B = jnp.where(done_B, PAD_ID, tok_B)
-    if stop_at_eos:
-      done_B = done_B | (tok_B == EOS_ID)
-    return tok_B, done_B
+  pick = lambda t, logits_BV, done_B: next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
 
   def step(carry, t):
     cache, tok_B, done_B = carry
@@ -107,10 +112,7 @@ def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: j
     buffer_BS, done_B = carry
     logits_BSV, _ = model.apply({"params": params}, buffer_BS, start_B=start_B)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BSV, prompt_len - 1 + t, 1, keepdims=False)
-    tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
-    tok_B = jnp.where(done_B, PAD_ID, tok_B)
-    if stop_at_eos:
-      done_B = done_B | (tok_B == EOS_ID)
+    tok_B, done_B = next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
     buffer_BS = jax.lax.dynamic_update_slice(buffer_BS, tok_B[:, None], (0, prompt_len + t))
     return (buffer_BS, done_B), tok_B
 
