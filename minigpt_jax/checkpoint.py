@@ -130,7 +130,7 @@ def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
 def load_for_inference(path: str, step: Optional[int] = None, compute_dtype: Optional[str] = None):
   """Loads parameters onto the default device for sampling or evaluation.
 
-  Returns (params, ModelConfig, CharTokenizer, run config, step). The compute
+  Returns (params, ModelConfig, CharTokenizer, run config, step, run directory). The compute
   dtype is resolved for this machine ("auto") unless given.
   """
   run_dir, step = locate(path, step)
@@ -144,7 +144,7 @@ def load_for_inference(path: str, step: Optional[int] = None, compute_dtype: Opt
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   params = restore(manager(run_dir, read_only=True), step, {"params": abstract})["params"]
-  return params, cfg, tok, config, step
+  return params, cfg, tok, config, step, run_dir
 
 
 def most_recent_run(workdir: str = "checkpoints") -> str:

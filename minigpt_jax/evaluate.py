@@ -107,9 +107,8 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   for folder in extra_corpora:  # before the slow part
     if not pathlib.Path(folder).expanduser().is_dir():
       raise UserError(f"--extra_corpus {folder!r} is not a directory")
-  params, cfg, tok, run_config, step = checkpoint.load_for_inference(
+  params, cfg, tok, run_config, step, run_dir = checkpoint.load_for_inference(
       path, step, compute_dtype)
-  run_dir, _ = checkpoint.locate(path, step)
   batch_size = batch_size or run_config.train.batch_size
   corpora = {folder: encode_folder(folder, tok) for folder in extra_corpora}
 

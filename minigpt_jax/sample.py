@@ -53,7 +53,7 @@ def main(argv):
   path = _CKPT.value or checkpoint.most_recent_run()
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
-  params, cfg, tok, _, step = checkpoint.load_for_inference(path, _STEP.value, _DTYPE.value)
+  params, cfg, tok, _, step, _ = checkpoint.load_for_inference(path, _STEP.value, _DTYPE.value)
   rows = [p for p in prompts for _ in range(_NUM.value)]
   max_new = _MAX_NEW.value
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts

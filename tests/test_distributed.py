@@ -97,7 +97,7 @@ if args.get("inference"):  # a checkpoint loaded onto one device, and sampled fr
   from minigpt_jax.generate import generate_text
   from minigpt_jax.sampling import SamplingConfig
   inf = args["inference"]
-  params, cfg, tok, _, step = checkpoint.load_for_inference(inf["path"], inf["step"])
+  params, cfg, tok, _, step, _ = checkpoint.load_for_inference(inf["path"], inf["step"])
   dump(params, inf["dump_to"])
   saved = dict(np.load(inf["compare_with"]))
   like_saved = jax.tree_util.tree_map_with_path(
