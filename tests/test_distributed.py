@@ -77,19 +77,14 @@ for overrides in args.get("runs", []):
   s = training.train(config(overrides), log=lambda *a: print(*a, file=sys.stderr))
   out["runs"].append({"train": s.train_losses, "val": s.val_losses, **spied})
 
-if args.get("hlo"):  # the compiled step: does any device hold the whole batch?
-  import functools
+if args.get("hlo"):  # the compiled step training runs: does any device hold the whole batch?
   from minigpt_jax.model import ModelConfig
+  from minigpt_jax.tokenizer import CharTokenizer
   c = config(args["hlo"])
-  cfg = ModelConfig.from_config(c.model, 99)
-  mesh, tx = sharding.make_mesh(c.mesh), training.make_optimizer(c.train)
-  abstract = jax.eval_shape(lambda k: training.init_state(cfg, tx, k), jax.random.key(0))
-  sh = training.TrainState(sharding.replicated(mesh), sharding.state_shardings(mesh, abstract.params),
-                           sharding.state_shardings(mesh, abstract.opt_state))
-  step = jax.jit(functools.partial(
-      training.train_step, cfg=cfg, tx=tx, batch_size=c.train.batch_size, seed=0,
-      batch_sharding=jax.sharding.NamedSharding(mesh, sharding.BATCH)),
-      in_shardings=(sh, sharding.replicated(mesh)), out_shardings=(sh, sharding.replicated(mesh)))
+  cfg = ModelConfig.from_config(c.model, CharTokenizer().vocab_size)
+  mesh = sharding.make_mesh(c.mesh)
+  tx, abstract, sh = training.state_layout(c, cfg, mesh)
+  step = training.jit_train_step(c, cfg, mesh, tx, sh, c.train.batch_size)
   corpus = jax.ShapeDtypeStruct((10_000,), np.uint8, sharding=sharding.replicated(mesh))
   out["hlo"] = step.lower(abstract, corpus).compile().as_text()
 
