@@ -64,6 +64,21 @@ def encode_source(raw: bytes, tok: CharTokenizer) -> tuple[np.ndarray, int, int]
   return ids, len(text) - len(ascii_bytes), n_control
 
 
+def encode_file(path: pathlib.Path, tok: CharTokenizer, max_file_chars: int):
+  """One source file as the corpus takes it: (ids, non-ASCII dropped, others dropped, skip),
+  where `skip` says why the file is left out ("unreadable", "too_large", "empty") or is None.
+  `max_file_chars` 0 means no limit."""
+  try:
+    ids, n_non_ascii, n_control = encode_source(path.read_bytes(), tok)
+  except OSError:
+    return None, 0, 0, "unreadable"
+  if max_file_chars and ids.size > max_file_chars:
+    return None, 0, 0, "too_large"
+  if ids.size == 0:
+    return None, 0, 0, "empty"
+  return ids, n_non_ascii, n_control, None
+
+
 def is_val_file(relpath: str, val_fraction: float) -> bool:
   """Holds a file out by a hash of its path: stable, and independent of the other files."""
   h = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "little")
@@ -94,16 +109,9 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print)
     nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
     for path in python_files(root, nested):
       rel = f"{i}:{path.relative_to(root).as_posix()}"
-      try:
-        ids, n_non_ascii, n_control = encode_source(path.read_bytes(), tok)
-      except OSError:
-        skipped["unreadable"] += 1
-        continue
-      if spec["max_file_chars"] and ids.size > spec["max_file_chars"]:
-        skipped["too_large"] += 1
-        continue
-      if ids.size == 0:
-        skipped["empty"] += 1
+      ids, n_non_ascii, n_control, skip = encode_file(path, tok, spec["max_file_chars"])
+      if skip:
+        skipped[skip] += 1
         continue
       if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
         skipped["over_cap"] += 1

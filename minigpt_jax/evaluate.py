@@ -44,23 +44,21 @@ def split_loss(params, cfg: ModelConfig, ids_N: np.ndarray, batch_size: int) -> 
   return {"nats_per_char": nats, "bits_per_char": nats / math.log(2), "chars": count}
 
 
-def encode_folder(folder: str, tok: CharTokenizer) -> tuple[np.ndarray, int]:
+def encode_folder(folder: str, tok: CharTokenizer,
+                  max_file_chars: int = 0) -> tuple[np.ndarray, int]:
   """Encodes the .py files under `folder` as `data.build_corpus` does, writing nothing.
 
-  Files are walked in sorted order (skipping `data.SKIP_DIRS`), newlines
-  normalised, characters outside the vocabulary dropped, and each file
-  followed by `<eos>`. Returns (uint8 ids, number of files).
+  Files are walked in sorted order (skipping `data.SKIP_DIRS`), each taken or left out by
+  `data.encode_file` (pass the run's `data.max_file_chars`), and each followed by `<eos>`.
+  Returns (uint8 ids, number of files).
   """
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
     raise UserError(f"--extra_corpus {folder!r} is not a directory")
   parts, n_files = [], 0
   for path in data.python_files(root):
-    try:
-      ids, _, _ = data.encode_source(path.read_bytes(), tok)
-    except OSError:
-      continue
-    if ids.size:
+    ids, _, _, skip = data.encode_file(path, tok, max_file_chars)
+    if not skip:
       parts += [ids, np.array([EOS_ID], np.uint8)]
       n_files += 1
   if not parts:
@@ -110,7 +108,8 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   params, cfg, tok, run_config, step, run_dir = checkpoint.load_for_inference(
       path, step, compute_dtype)
   batch_size = batch_size or run_config.train.batch_size
-  corpora = {folder: encode_folder(folder, tok) for folder in extra_corpora}
+  corpora = {folder: encode_folder(folder, tok, run_config.data.max_file_chars)
+             for folder in extra_corpora}
 
   t0 = time.perf_counter()
   splits, _ = data.load_corpus(run_config.data, tok, log=log, build=False)  # never (re)builds

@@ -45,6 +45,10 @@ def test_encode_folder_matches_the_corpus_rules(tmp_path):
   want = np.concatenate([tok.encode("x = ''\ny = 2\n"), [EOS_ID], tok.encode("z = 3\n"), [EOS_ID]])
   np.testing.assert_array_equal(ids, want)
   assert n_files == 2
+  # The run's per-file limit applies as when the corpus was built: a.py (13 chars) goes.
+  ids, n_files = evaluate.encode_folder(str(tmp_path), tok, max_file_chars=10)
+  np.testing.assert_array_equal(ids, np.concatenate([tok.encode("z = 3\n"), [EOS_ID]]))
+  assert n_files == 1
 
 
 def test_encode_folder_refuses_missing_or_empty_folders(tmp_path):
