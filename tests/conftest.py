@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from configs import tiny  # importable: pytest's pythonpath is the repository
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _TEMPLATES = [
@@ -33,19 +35,18 @@ def corpus_dir(tmp_path_factory) -> pathlib.Path:
   return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture
-def tiny_config(tmp_path, corpus_dir):
-  """configs/tiny.py on the synthetic corpus, writing into tmp_path."""
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import tiny
-  finally:
-    sys.path.pop(0)
+def tiny_config_in(root: pathlib.Path, corpus_dir: pathlib.Path):
+  """configs/tiny.py on the synthetic corpus, writing its data and runs under `root`."""
   c = tiny.get_config()
   c.data.roots = (str(corpus_dir),)
-  c.data.dir = str(tmp_path / "data")
-  c.workdir = str(tmp_path / "runs")
+  c.data.dir = str(root / "data")
+  c.workdir = str(root / "runs")
   return c
+
+
+@pytest.fixture
+def tiny_config(tmp_path, corpus_dir):
+  return tiny_config_in(tmp_path, corpus_dir)
 
 
 def run_module(module: str, *args: str, cwd=None, timeout: int = 240, env_extra=None):

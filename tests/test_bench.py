@@ -2,13 +2,13 @@
 
 import json
 import math
-import sys
 import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from configs import tiny
 from conftest import REPO, run_module
 from minigpt_jax import bench, hardware
 from minigpt_jax.errors import UserError
@@ -106,11 +106,6 @@ def test_bench_cli_on_tiny_config(tmp_path):
   assert json.loads(out.read_text()) == result
   assert "cached/uncached" in proc.stderr  # the table
 
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import tiny
-  finally:
-    sys.path.pop(0)
   cfg = ModelConfig.from_config(tiny.get_config().model, CharTokenizer().vocab_size, "cpu")
   assert result["schema"] == bench.SCHEMA
   assert result["platform"] == "cpu" and result["device_count"] >= 1

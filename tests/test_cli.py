@@ -114,7 +114,7 @@ def test_train_missing_config_file(tmp_path):
   _one_line_error(run_module("minigpt_jax.train", "--config", str(tmp_path / "nope.py")), "nope.py")
 
 
-def test_train_empty_corpus(tmp_path, corpus_dir):
+def test_train_empty_corpus(tmp_path):
   (tmp_path / "empty").mkdir()
   proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
   _one_line_error(proc, "error: the corpus has no train text")

@@ -1,13 +1,12 @@
 import json
 import math
 import random
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, run_module, tiny_config_in
 from minigpt_jax import evaluate, syntax, training
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, init_params
@@ -123,16 +122,8 @@ def test_validity_counts():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_dir):
   """configs/tiny.py trained for a few steps on the synthetic corpus: (run dir, val split)."""
-  sys.path.insert(0, str(REPO))
-  try:
-    from configs import tiny
-  finally:
-    sys.path.pop(0)
   root = tmp_path_factory.mktemp("eval_run")
-  c = tiny.get_config()
-  c.data.roots = (str(corpus_dir),)
-  c.data.dir = str(root / "data")
-  c.workdir = str(root / "runs")
+  c = tiny_config_in(root, corpus_dir)
   c.train.steps = c.train.eval_every = c.train.ckpt_every = 10
   c.sample.num_samples = 0
   summary = training.train(c, log=lambda *_: None)
