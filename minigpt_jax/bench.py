@@ -213,28 +213,29 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
       raise UserError(f"batch size {b} is not divisible by the {mesh.size} devices of the mesh")
 
   fpt = flops_per_token(cfg)
+  tx, abstract, state_sh = training.state_layout(config, cfg, mesh)
   result = {"schema": SCHEMA, "command": command, **environment(),
             "mesh": dict(mesh.shape), "peak_flops_per_device": hardware.peak_flops(),
-            "model": dataclasses.asdict(cfg), "param_count": None, "flops_per_token": fpt,
-            "compute_dtype": cfg.compute_dtype, "attention_impl": cfg.attention_impl}
+            "model": dataclasses.asdict(cfg), "param_count": param_count(abstract.params),
+            "flops_per_token": fpt, "compute_dtype": cfg.compute_dtype,
+            "attention_impl": cfg.attention_impl}
   log(f"{result['device_count']} x {result['device_kind']} ({result['platform']}), "
       f"compute {cfg.compute_dtype}, attention {cfg.attention_impl}")
 
-  tx, _, state_sh = training.state_layout(config, cfg, mesh)
-  state = training.fresh_state(config, cfg, tx, state_sh)
-  result["param_count"] = param_count(state.params)
-  rng = np.random.default_rng(config.seed)
-  train_N = sharding.put_replicated(
-      mesh, rng.integers(0, cfg.vocab_size, max(DATA_TOKENS, 2 * cfg.context_len + 2), np.uint8))
   rows = []
-  for b in batch_sizes:
-    log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
-    step_fn = training.jit_train_step(config, cfg, mesh, tx, state_sh, b)
-    row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
-                                  context_len=cfg.context_len, fpt=fpt, steps=train_steps,
-                                  repeats=repeats, warmup=warmup)
-    rows.append(row)
-  del state, train_N
+  if batch_sizes:  # the train state and the random ids only when training is measured
+    state = training.fresh_state(config, cfg, tx, state_sh)
+    rng = np.random.default_rng(config.seed)
+    train_N = sharding.put_replicated(
+        mesh, rng.integers(0, cfg.vocab_size, max(DATA_TOKENS, 2 * cfg.context_len + 2), np.uint8))
+    for b in batch_sizes:
+      log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
+      step_fn = training.jit_train_step(config, cfg, mesh, tx, state_sh, b)
+      row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
+                                    context_len=cfg.context_len, fpt=fpt, steps=train_steps,
+                                    repeats=repeats, warmup=warmup)
+      rows.append(row)
+    del state, train_N
   result["train"] = {"steps_per_repeat": train_steps, "repeats": repeats, "warmup_steps": warmup,
                      "data": f"{DATA_TOKENS} random token ids", "results": rows}
 
