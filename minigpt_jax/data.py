@@ -186,8 +186,8 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True) -> 
     recorded = manifest["spec"]
   except (OSError, ValueError, KeyError) as e:
     raise UserError(f"{manifest_path} is unreadable ({e}); rebuild with --config.data.rebuild=True")
-  wanted = spec_of(data_cfg) if build else recorded  # a reader takes the corpus as recorded
-  if recorded != wanted:
+  # A reader (build=False) takes the corpus as recorded; a builder checks it is current.
+  if build and recorded != (wanted := spec_of(data_cfg)):
     diff = ", ".join(f"{k}: prepared {recorded.get(k)!r} vs config {wanted[k]!r}"
                      for k in wanted if recorded.get(k) != wanted[k])
     raise UserError(f"prepared corpus {out_dir} is stale ({diff}); rebuild it with "
