@@ -63,6 +63,16 @@ def lock_run_dir(run_dir: pathlib.Path):
   return f
 
 
+def remove_if_only_lock(run_dir: pathlib.Path) -> None:
+  """Removes `run_dir` if it holds nothing but its lock (call it while holding the lock)."""
+  try:
+    if [p.name for p in run_dir.iterdir()] == [".lock"]:
+      (run_dir / ".lock").unlink()
+      run_dir.rmdir()
+  except OSError:  # gone already, or written to meanwhile: leave it
+    pass
+
+
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
   mngr.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),

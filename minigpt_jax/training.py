@@ -177,7 +177,8 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   """Trains (or resumes) the run `config.workdir/config.run_name`.
 
   Process 0 holds the run directory's lock throughout, so a second training of the same
-  run (started by mistake, or without `mesh.distributed`) stops at once with an error.
+  run (started by mistake, or without `mesh.distributed`) stops at once with an error. A new
+  run that fails before writing anything removes the folder it made for itself.
   """
   config_lib.validate(config)
   if config.train.debug_recompiles:
@@ -185,8 +186,9 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
   run_dir = pathlib.Path(config.workdir) / config.run_name
-  lock, error = None, None
+  lock, error, made_dir = None, None, False
   if jax.process_index() == 0:
+    made_dir = not run_dir.exists()
     try:
       lock = checkpoint.lock_run_dir(run_dir)
     except Exception as e:  # raised below on every process
@@ -194,6 +196,10 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   try:
     sharding.raise_if_lead_failed(error, f"locking {run_dir}")
     return _train(config, run_dir, log)
+  except BaseException:
+    if lock is not None and made_dir:  # a run that failed before writing leaves no folder
+      checkpoint.remove_if_only_lock(run_dir)
+    raise
   finally:  # on errors too: a failed run must not keep its run locked
     if lock is not None:
       lock.close()

@@ -119,6 +119,7 @@ def test_train_empty_corpus(tmp_path):
   proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
   _one_line_error(proc, "error: the corpus has no train text")
   assert proc.returncode == 2
+  assert not (tmp_path / "runs" / "tiny").exists()  # no empty run folder left behind
 
 
 def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):

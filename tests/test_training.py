@@ -134,13 +134,33 @@ def test_a_run_being_trained_is_not_trained_again_at_the_same_time(tiny_config):
 
 def test_a_failed_training_releases_the_run(tiny_config):
   """The error (and its traceback, which keeps train's frame alive) must not keep the lock."""
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  run_dir.mkdir(parents=True)  # the user's folder: it stays, with its lock file
   tiny_config.mesh.data = 2  # one CPU device: the mesh cannot be made, after the lock is taken
   with pytest.raises(UserError, match="mesh") as failed:
     training.train(tiny_config, log=quiet)
-  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
-  assert (run_dir / ".lock").exists()
+  assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
   checkpoint.lock_run_dir(run_dir).close()  # free again, while the traceback still lives
   assert failed.traceback  # (kept alive until here)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tiny_config, monkeypatch):
+  workdir = pathlib.Path(tiny_config.workdir)
+  run_dir = workdir / tiny_config.run_name
+  tiny_config.mesh.data = 2  # fails after the lock is taken, before anything is written
+  with pytest.raises(UserError, match="mesh"):
+    training.train(tiny_config, log=quiet)
+  assert workdir.is_dir() and not run_dir.exists()  # only the run's own folder goes
+  # A run that fails after writing keeps what it wrote.
+  tiny_config.mesh.data = 1
+
+  def fail(*_, **__):
+    raise RuntimeError("out of memory")
+
+  monkeypatch.setattr(training, "fresh_state", fail)
+  with pytest.raises(RuntimeError, match="out of memory"):
+    training.train(tiny_config, log=quiet)
+  assert {"config.json", "tokenizer.json", ".lock"} <= {p.name for p in run_dir.iterdir()}
 
 
 def test_a_run_folder_that_cannot_be_made_is_a_clear_error(tiny_config):
