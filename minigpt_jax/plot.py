@@ -9,6 +9,7 @@ Needs matplotlib: pip install -e .[plot]
 """
 
 import json
+import logging
 import math
 import pathlib
 
@@ -37,8 +38,9 @@ def _full_evals(run_dir: pathlib.Path) -> list[dict]:
     try:
       r = json.loads(path.read_text())
       row = {"step": int(r["step"]), "val_loss": float(r["val"]["nats_per_char"])}
-    except (OSError, ValueError, KeyError, TypeError):
-      continue  # not ours, or damaged: the curves do not depend on it
+    except (OSError, ValueError, KeyError, TypeError) as e:  # the curves do not depend on it
+      logging.warning("skipping %s: not an evaluate report (%s: %s)", path, type(e).__name__, e)
+      continue
     if "syntax" in r:
       row["syntax_rate"] = r["syntax"]["rate"]
     out.append(row)

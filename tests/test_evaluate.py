@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_module, tiny_config_in
-from minigpt_jax import evaluate, syntax, training
+from minigpt_jax import evaluate, plot, syntax, training
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
@@ -176,6 +176,13 @@ def test_cli_writes_the_same_report_as_the_library(trained_run, evaluated, corpu
   # Same numbers and samples in a fresh process: deterministic across processes too.
   assert _without_timings(got) == json.loads(json.dumps(_without_timings(evaluated)))
   assert "bits/char" in r.stdout and "syntax validity" in r.stdout
+
+
+def test_the_plot_reads_evaluates_report(evaluated, tmp_path):
+  """plot.py parses evaluate's JSON by key: a renamed key must fail here, not empty the plot."""
+  evaluate.write_report(evaluated, tmp_path / f"eval_step{evaluated['step']}.json")
+  assert plot._full_evals(tmp_path) == [{"step": 10, "val_loss": evaluated["val"]["nats_per_char"],
+                                        "syntax_rate": evaluated["syntax"]["rate"]}]
 
 
 def test_cli_missing_extra_corpus_is_a_one_line_error(trained_run, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import logging
 import sys
 
 import pytest
@@ -34,12 +35,14 @@ def test_plot_command_writes_a_png(tmp_path):
   assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
 
-def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path):
+def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path, caplog):
   run_dir = _write_run(tmp_path / "run", syntax_rate=False)
   (run_dir / "eval_step100.json").write_text(json.dumps(
       {"step": 100, "val": {"nats_per_char": 2.2}, "syntax": {"rate": 0.4}}))
-  (run_dir / "eval_stepjunk.json").write_text("{not json")  # ignored, not fatal
-  assert [r["step"] for r in plot._full_evals(run_dir)] == [100]
+  (run_dir / "eval_stepjunk.json").write_text("{not json")  # skipped with a warning, not fatal
+  with caplog.at_level(logging.WARNING):
+    assert [r["step"] for r in plot._full_evals(run_dir)] == [100]
+  assert "skipping" in caplog.text and "eval_stepjunk.json" in caplog.text
   out = plot.plot_run(run_dir, tmp_path / "sub" / "c.png")
   assert out == tmp_path / "sub" / "c.png"
   assert out.read_bytes().startswith(PNG_MAGIC)
