@@ -92,6 +92,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
     raise UserError(f"cannot restore checkpoint step {step} in {mngr.directory}: {first[:300]}")
 
 
+def trained_corpus_sha256(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[str]:
+  """The sha256 of the train split checkpoint `step` (default: the latest) was trained on;
+  None for a run without checkpoints."""
+  if not (pathlib.Path(run_dir) / "ckpt").is_dir():
+    return None
+  mngr = manager(run_dir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  return None if step is None else restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256")
+
+
 def read_run_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   path = pathlib.Path(run_dir) / "config.json"
   try:

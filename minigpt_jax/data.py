@@ -96,8 +96,13 @@ def spec_of(data_cfg) -> dict:
   }
 
 
-def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print) -> dict:
-  """Walks the roots, encodes every .py file, and writes the split corpus atomically."""
+def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
+                 keep_train_sha256: str | None = None) -> dict:
+  """Walks the roots, encodes every .py file, and writes the split corpus atomically.
+
+  With `keep_train_sha256` (the train split a run's checkpoint was trained on), a corpus
+  whose train split differs is refused before anything is written.
+  """
   spec = spec_of(data_cfg)
   roots = [pathlib.Path(r) for r in spec["roots"]]
   parts = {s: [] for s in SPLITS}
@@ -127,6 +132,12 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print)
   for s in SPLITS:
     if arrays[s].size < 2:
       raise UserError(f"the corpus has no {s} text: roots {spec['roots']} hold too few .py files")
+  train_sha256 = hashlib.sha256(arrays["train"].tobytes()).hexdigest()
+  if keep_train_sha256 and train_sha256 != keep_train_sha256:
+    raise UserError(f"the rebuilt corpus's train split differs from the one the run's "
+                    f"checkpoints were trained on (the sources or data settings changed); "
+                    f"{out_dir} was left as it was. Resume without --config.data.rebuild=True, "
+                    "or start a new --config.run_name")
   manifest = {
       "spec": spec,
       "python": sys.version.split()[0],
@@ -165,9 +176,10 @@ def _write_atomically(out_dir: pathlib.Path, arrays: dict, manifest: dict) -> No
     old.rmdir()
 
 
-def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True) -> tuple[dict, dict]:
+def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True,
+                keep_train_sha256: str | None = None) -> tuple[dict, dict]:
   """Returns ({"train": ids, "val": ids}, manifest), preparing the corpus on first use
-  (or, with `build=False`, refusing to)."""
+  (or, with `build=False`, refusing to). `keep_train_sha256`: see `build_corpus`."""
   out_dir = pathlib.Path(data_cfg.dir) / data_cfg.name
   manifest_path = out_dir / "manifest.json"
   if not build and not manifest_path.exists():
@@ -177,7 +189,7 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True) -> 
       raise UserError(f"{out_dir} exists but has no manifest.json; move it away or pick "
                       "another --config.data.name")
     log(f"corpus: preparing {out_dir} from {list(data_cfg.roots)}")
-    manifest = build_corpus(data_cfg, out_dir, tok, log)
+    manifest = build_corpus(data_cfg, out_dir, tok, log, keep_train_sha256)
     log(f"corpus: {manifest['splits']['train']['chars']:,} train / "
         f"{manifest['splits']['val']['chars']:,} val chars from "
         f"{manifest['splits']['train']['files'] + manifest['splits']['val']['files']} files")

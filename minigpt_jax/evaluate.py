@@ -112,10 +112,16 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
              for folder in extra_corpora}
 
   t0 = time.perf_counter()
-  splits, _ = data.load_corpus(run_config.data, tok, log=log, build=False)  # never (re)builds
+  splits, manifest = data.load_corpus(run_config.data, tok, log=log, build=False)  # never builds
+  corpus = pathlib.Path(run_config.data.dir) / run_config.data.name
+  trained_on = checkpoint.trained_corpus_sha256(run_dir, step)
+  if trained_on is not None and trained_on != manifest["splits"]["train"]["sha256"]:
+    raise UserError(f"{corpus} is not the corpus step {step} was trained on (rebuilt since?): "
+                    "its val split may hold text the model trained on. Rebuild it with the "
+                    f"data settings in {run_dir / 'config.json'}")
   out = {"run_dir": str(run_dir), "step": step, "batch_size": batch_size,
          "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype}
-  out["val"] = {"corpus": str(pathlib.Path(run_config.data.dir) / run_config.data.name),
+  out["val"] = {"corpus": str(corpus),
                 **split_loss(params, cfg, splits["val"], batch_size)}
   out["extra_corpora"] = {}
   for folder, (ids, n_files) in corpora.items():

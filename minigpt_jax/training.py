@@ -212,8 +212,9 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
   tok = CharTokenizer()
   error = None
   if lead:  # one process prepares the corpus, the others wait and then load it
-    try:
-      splits, manifest = data.load_corpus(config.data, tok, log=say)
+    try:  # a rebuild must not replace the corpus a resumed run was trained on
+      keep = checkpoint.trained_corpus_sha256(run_dir) if config.data.rebuild else None
+      splits, manifest = data.load_corpus(config.data, tok, log=say, keep_train_sha256=keep)
     except Exception as e:  # raised below on every process
       error = e
   sharding.raise_if_lead_failed(error, "preparing the corpus")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_module, tiny_config_in
-from minigpt_jax import evaluate, plot, syntax, training
+from minigpt_jax import data, evaluate, plot, syntax, training
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
@@ -183,6 +183,18 @@ def test_the_plot_reads_evaluates_report(evaluated, tmp_path):
   evaluate.write_report(evaluated, tmp_path / f"eval_step{evaluated['step']}.json")
   assert plot._full_evals(tmp_path) == [{"step": 10, "val_loss": evaluated["val"]["nats_per_char"],
                                         "syntax_rate": evaluated["syntax"]["rate"]}]
+
+
+def test_a_corpus_rebuilt_since_training_is_refused(tmp_path, corpus_dir):
+  """Scoring against a rebuilt corpus would give numbers on the wrong split, silently."""
+  c = tiny_config_in(tmp_path, corpus_dir)
+  c.train.steps = c.train.eval_every = c.train.ckpt_every = 5
+  c.sample.num_samples = 0
+  run_dir = training.train(c, log=lambda *_: None).run_dir
+  c.data.val_fraction, c.data.rebuild = 0.5, True  # another run's settings, same data.name
+  data.load_corpus(c.data, tok, log=lambda *_: None)
+  with pytest.raises(UserError, match="is not the corpus step 5 was trained on"):
+    evaluate.evaluate_checkpoint(str(run_dir), num_samples=0, log=lambda *_: None)
 
 
 def test_cli_missing_extra_corpus_is_a_one_line_error(trained_run, tmp_path):

@@ -84,7 +84,26 @@ def test_nan_stops_before_a_checkpoint_and_the_run_can_restart(tiny_config):
   assert s.first_step == 0 and s.last_step == 4 and np.isfinite(list(s.train_losses.values())).all()
 
 
-def test_resume_refuses_a_changed_corpus(tiny_config, tmp_path):
+def test_a_rebuild_on_resume_never_replaces_the_corpus_the_run_was_trained_on(tiny_config, tmp_path):
+  src = tmp_path / "src"
+  shutil.copytree(tiny_config.data.roots[0], src)
+  tiny_config.data.roots = (str(src),)
+  tiny_config.train.steps = 10
+  tiny_config.sample.num_samples = 0
+  training.train(tiny_config, log=quiet)
+  corpus = pathlib.Path(tiny_config.data.dir) / tiny_config.data.name
+  prepared = {p.name: p.read_bytes() for p in corpus.iterdir()}
+  (src / "extra.py").write_text("x = 1\n" * 50)  # lands in the train split
+  tiny_config.data.rebuild = True
+  tiny_config.train.steps = 20
+  with pytest.raises(UserError, match="was left as it was"):
+    training.train(tiny_config, log=quiet)
+  assert {p.name: p.read_bytes() for p in corpus.iterdir()} == prepared
+  tiny_config.data.rebuild = False  # the kept corpus still resumes the run
+  assert training.train(tiny_config, log=quiet).last_step == 20
+
+
+def test_resume_refuses_a_corpus_changed_since_the_checkpoint(tiny_config, tmp_path):
   src = tmp_path / "src"
   shutil.copytree(tiny_config.data.roots[0], src)
   tiny_config.data.roots = (str(src),)
@@ -92,7 +111,9 @@ def test_resume_refuses_a_changed_corpus(tiny_config, tmp_path):
   tiny_config.sample.num_samples = 0
   training.train(tiny_config, log=quiet)
   (src / "extra.py").write_text("x = 1\n" * 50)
-  tiny_config.data.rebuild = True
+  other = tiny_config.copy_and_resolve_references()  # a new run rebuilds the shared corpus
+  other.run_name, other.data.rebuild, other.train.steps = "other", True, 1
+  training.train(other, log=quiet)
   tiny_config.train.steps = 20
   with pytest.raises(UserError, match="train corpus differs from the one step 10"):
     training.train(tiny_config, log=quiet)
