@@ -108,6 +108,15 @@ def validate(c: ConfigDict) -> None:
   if c.model.d_model % c.model.n_heads:
     raise UserError(f"model.d_model {c.model.d_model} is not divisible by model.n_heads "
                     f"{c.model.n_heads}")
+  t = c.train  # optimizer settings that would train the wrong way round or not at all
+  rules = {"lr": (t.lr > 0, "> 0"), "grad_clip": (t.grad_clip > 0, "> 0"),
+           "warmup_steps": (t.warmup_steps >= 0, ">= 0"),
+           "min_lr_ratio": (0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+           "weight_decay": (t.weight_decay >= 0, ">= 0"),
+           "b1": (0 <= t.b1 < 1, "in [0, 1)"), "b2": (0 <= t.b2 < 1, "in [0, 1)")}
+  for name, (ok, rule) in rules.items():
+    if not ok:
+      raise UserError(f"train.{name} must be {rule}, got {t[name]!r}")
   if not 0 < c.data.val_fraction < 1:
     raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
   if c.model.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):

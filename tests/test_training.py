@@ -123,6 +123,12 @@ def test_resume_refuses_a_corpus_changed_since_the_checkpoint(tiny_config, tmp_p
     ("train.stop_at_step", -5, "stop_at_step must be >= 0"),
     ("run_name", "..", "plain folder name"),
     ("sample.prompt", "caf\u00e9", "'\u00e9' at 3"),
+    ("train.grad_clip", -1.0, r"train.grad_clip must be > 0, got -1.0"),  # would ascend the loss
+    ("train.lr", 0.0, r"train.lr must be > 0"),
+    ("train.warmup_steps", -5, r"train.warmup_steps must be >= 0"),
+    ("train.min_lr_ratio", 1.5, r"train.min_lr_ratio must be in \[0, 1\]"),
+    ("train.weight_decay", -0.1, r"train.weight_decay must be >= 0"),
+    ("train.b2", 1.0, r"train.b2 must be in \[0, 1\)"),
 ])
 def test_config_mistakes_fail_before_any_work(tiny_config, field, value, message):
   section, _, name = field.rpartition(".")
