@@ -105,19 +105,30 @@ def trained_corpus_sha256(run_dir: pathlib.Path, step: Optional[int] = None) -> 
 def read_run_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   path = pathlib.Path(run_dir) / "config.json"
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    d = json.loads(path.read_text())
   except FileNotFoundError:
     raise UserError(f"{run_dir} is not a run directory (no config.json)")
   except ValueError as e:
     raise UserError(f"{path} is unreadable: {e}")
+  if not isinstance(d, dict):
+    raise UserError(f"{path} is unreadable: not a JSON object")
+  config = ml_collections.ConfigDict(d)
+  missing = [k for k in ("data", "model", "train")
+             if not isinstance(config.get(k), ml_collections.ConfigDict)]
+  if missing:
+    raise UserError(f"{path} is damaged: no {', '.join(missing)} section")
+  return config
 
 
 def read_tokenizer(run_dir: pathlib.Path) -> CharTokenizer:
   path = pathlib.Path(run_dir) / "tokenizer.json"
   try:
-    return CharTokenizer.from_dict(json.loads(path.read_text()))
+    d = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read the tokenizer of {run_dir}: {e}")
+  if not isinstance(d, dict):
+    raise UserError(f"{path} is damaged: not a tokenizer description")
+  return CharTokenizer.from_dict(d)
 
 
 def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
@@ -151,14 +162,15 @@ def load_for_inference(path: str, step: Optional[int] = None, compute_dtype: Opt
   """Loads parameters onto the default device for sampling or evaluation.
 
   Returns (params, ModelConfig, CharTokenizer, run config, step, run directory). The compute
-  dtype is resolved for this machine ("auto") unless given.
+  dtype is resolved for this machine ("auto") unless given; so is the attention kernel, always
+  (a run trained with cuDNN attention on a GPU still loads on a CPU).
   """
   run_dir, step = locate(path, step)
   config = read_run_config(run_dir)
   tok = read_tokenizer(run_dir)
-  model_cfg = config.model
+  model_cfg = ml_collections.ConfigDict(dict(config.model, attention_impl="auto"))
   if compute_dtype:
-    model_cfg = ml_collections.ConfigDict(dict(model_cfg, compute_dtype=compute_dtype))
+    model_cfg.compute_dtype = compute_dtype
   cfg = ModelConfig.from_config(model_cfg, tok.vocab_size)
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -27,6 +27,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(_one_line(e))
+  except (SyntaxError, ImportError) as e:  # a config file that does not compile or import
+    _fail(f"cannot load the config file: {type(e).__name__}: {_one_line(e)}")
   except (AttributeError, KeyError, ValueError, TypeError, OSError) as e:
     # ml_collections raises these for --config.a.b typos, bad values, missing files.
     _fail(f"bad flag: {_one_line(e)}")

@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from minigpt_jax.errors import UserError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -68,9 +70,13 @@ class ModelConfig:
     if dtype == "auto":
       dtype = "bfloat16" if accel else "float32"
     impl = model_cfg.attention_impl
+    gpu_16bit = platform in ("gpu", "cuda") and dtype != "float32"
     if impl == "auto":
-      gpu_16bit = platform in ("gpu", "cuda") and dtype != "float32"
       impl = "cudnn" if gpu_16bit and _cudnn_attention_works(dtype) else "xla"
+    elif impl == "cudnn" and not (gpu_16bit and _cudnn_attention_works(dtype)):
+      raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU whose cuDNN has flash "
+                      f"attention, and 16-bit compute; here: {platform}, {dtype}. Use 'auto' "
+                      "or 'xla'")
     return cls(vocab_size=vocab_size, context_len=model_cfg.context_len,
                d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
                n_heads=model_cfg.n_heads, d_ff=model_cfg.d_ff,

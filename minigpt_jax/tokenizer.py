@@ -54,7 +54,9 @@ class CharTokenizer:
     Returns:
       ids, shape [len(text)] ("ignore" may make it shorter).
     """
-    codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    # surrogatepass: undecodable bytes in argv arrive as lone surrogates; they are
+    # reported as characters outside the vocabulary like any other.
+    codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
     ids = self._lut[np.minimum(codepoints, 255)]  # lut[255] is _MISSING
     bad = np.flatnonzero(ids == _MISSING)
     if bad.size == 0:
@@ -101,6 +103,8 @@ class CharTokenizer:
 
   @classmethod
   def from_dict(cls, d: dict) -> "CharTokenizer":
-    if d.get("kind") != "char" or d.get("specials") != [PAD, EOS]:
+    chars = d.get("chars")
+    if (d.get("kind") != "char" or d.get("specials") != [PAD, EOS] or not isinstance(chars, str)
+        or not chars.isascii() or len(set(chars)) != len(chars)):
       raise UserError(f"unsupported tokenizer description: {d!r:.80}")
-    return cls(chars=d["chars"])
+    return cls(chars=chars)

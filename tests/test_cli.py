@@ -1,6 +1,7 @@
 """The train and sample commands, run as a user would, in fresh processes."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -114,6 +115,17 @@ def test_train_missing_config_file(tmp_path):
   _one_line_error(run_module("minigpt_jax.train", "--config", str(tmp_path / "nope.py")), "nope.py")
 
 
+@pytest.mark.parametrize("source,fragment", [
+    ("def get_config(:\n  pass\n", "SyntaxError: invalid syntax (broken.py, line 1)"),
+    ("import no_such_module\n", "No module named 'no_such_module'"),
+])
+def test_train_config_file_that_does_not_load(tmp_path, source, fragment):
+  (tmp_path / "broken.py").write_text(source)
+  proc = run_module("minigpt_jax.train", "--config", str(tmp_path / "broken.py"))
+  _one_line_error(proc, "cannot load the config file", fragment)
+  assert proc.returncode == 2
+
+
 def test_train_empty_corpus(tmp_path):
   (tmp_path / "empty").mkdir()
   proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
@@ -146,3 +158,33 @@ def test_sample_bad_input_is_a_one_line_error(trained_run, args, fragment):
   proc = run_module("minigpt_jax.sample", *base, *args)
   _one_line_error(proc, fragment)
   assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("config.json", '{"seed": 0}', "config.json is damaged: no data, model, train section"),
+    ("config.json", "[1, 2]", "config.json is unreadable"),
+    ("tokenizer.json", "[1, 2]", "tokenizer.json is damaged"),
+    ("tokenizer.json", '{"kind": "char"}', "unsupported tokenizer description"),
+])
+def test_sample_damaged_run_files_are_one_line_errors(trained_run, tmp_path, name, text, fragment):
+  _, run, _ = trained_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  (copy / name).write_text(text)
+  proc = run_module("minigpt_jax.sample", "--checkpoint", str(copy), "--max_new_tokens", "5")
+  _one_line_error(proc, fragment)
+  assert proc.returncode == 2
+
+
+def test_a_run_trained_with_cudnn_attention_samples_on_a_cpu(trained_run, tmp_path):
+  """The attention kernel is this machine's choice; the run's stored one is for training."""
+  _, run, _ = trained_run
+  copy = tmp_path / "run"
+  shutil.copytree(run, copy)
+  config = json.loads((copy / "config.json").read_text())
+  config["model"]["attention_impl"] = "cudnn"
+  (copy / "config.json").write_text(json.dumps(config))
+  args = ["--prompt", "def ", "--greedy", "--max_new_tokens", "10"]
+  got = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(copy), *args))
+  want = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(run), *args))
+  assert got.stdout == want.stdout and "def " in got.stdout

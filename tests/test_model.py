@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minigpt_jax.config import base_config
+from minigpt_jax.errors import UserError
 from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention,
                                SingleHeadAttention, flops_per_token, init_params, param_count)
 
@@ -109,3 +110,19 @@ def test_auto_resolution(monkeypatch):
   assert (gpu.compute_dtype, gpu.attention_impl) == ("bfloat16", "cudnn")
   monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: False)
   assert ModelConfig.from_config(m, 99, platform="gpu").attention_impl == "xla"
+
+
+def test_explicit_cudnn_attention_where_it_cannot_run_is_a_clear_error(monkeypatch):
+  from minigpt_jax import model
+  m = base_config().model
+  m.attention_impl = "cudnn"
+  with pytest.raises(UserError, match="needs an NVIDIA GPU.*here: cpu, float32"):
+    ModelConfig.from_config(m, 99, platform="cpu")
+  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: False)
+  with pytest.raises(UserError, match="here: gpu, bfloat16"):
+    ModelConfig.from_config(m, 99, platform="gpu")
+  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: True)
+  assert ModelConfig.from_config(m, 99, platform="gpu").attention_impl == "cudnn"
+  m.compute_dtype = "float32"
+  with pytest.raises(UserError, match="here: gpu, float32"):
+    ModelConfig.from_config(m, 99, platform="gpu")

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CHARS, EOS_ID, PAD_ID, CharTokenizer, TokenizerError
 
 tok = CharTokenizer()
@@ -40,8 +41,21 @@ def test_decode_specials_and_eos_stop():
   assert tok.decode(ids, stop_at_eos=True) == "ab"
 
 
+def test_undecodable_command_line_bytes_are_named_not_a_crash():
+  """Python hands bytes that are not UTF-8 in argv over as lone surrogates."""
+  with pytest.raises(TokenizerError, match=r"'\\udcff' at 2"):
+    tok.encode(b"ab\xff".decode("utf-8", "surrogateescape"))
+
+
 def test_serialisation_round_trip():
   assert CharTokenizer.from_dict(tok.to_dict()) == tok
+
+
+@pytest.mark.parametrize("damage", [{"chars": None}, {"chars": "ab\u00e9"}, {"chars": "aab"},
+                                    {"kind": "bpe"}])
+def test_a_damaged_description_is_refused(damage):
+  with pytest.raises(UserError, match="unsupported tokenizer description"):
+    CharTokenizer.from_dict({**tok.to_dict(), **damage})
 
 
 def test_room_after_prompt_counts_the_start_marker():
