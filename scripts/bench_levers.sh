@@ -27,7 +27,7 @@ lever() {  # lever NAME EXTRA_XLA_FLAGS [bench flags ...]
 
 lever baseline ""
 lever attention_xla "" --config.model.attention_impl=xla
-lever float32 "" --config.model.compute_dtype=float32
+lever float32 "" --config.model.compute_dtype=float32  # also XLA attention (cuDNN needs 16-bit)
 lever vocab_unpadded "" --config.model.vocab_pad_multiple=1
 lever decode_unsegmented "" --batch_sizes= --decode_segment=0
 lever no_command_buffers "--xla_gpu_enable_command_buffer="

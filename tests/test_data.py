@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -45,8 +46,20 @@ def test_relative_roots_are_recorded_absolute(tiny_config, corpus_dir, monkeypat
   assert data.spec_of(tiny_config.data)["roots"] == [str(corpus_dir.resolve())]
 
 
-def test_val_assignment_does_not_depend_on_other_files():
-  assert data.is_val_file("0:a/b.py", 0.1) == data.is_val_file("0:a/b.py", 0.1)
+def test_val_assignment_does_not_depend_on_other_files(tiny_config, corpus_dir, tmp_path):
+  """Adding sources never moves a file between train and val (no leak into val)."""
+  src = tmp_path / "src"
+  shutil.copytree(corpus_dir, src)
+  tiny_config.data.roots = (str(src),)
+  tiny_config.data.val_fraction = 0.3
+  split_of = lambda m: {rel: s for s in data.SPLITS for rel, _ in m["files"][s]}
+  before = split_of(data.build_corpus(tiny_config.data, tmp_path / "a", tok, log=lambda *_: None))
+  for i in range(40):
+    (src / "new" / f"x{i}.py").parent.mkdir(exist_ok=True)
+    (src / "new" / f"x{i}.py").write_text(f"x = {i}\n")
+  after = split_of(data.build_corpus(tiny_config.data, tmp_path / "b", tok, log=lambda *_: None))
+  assert len(after) == len(before) + 40 and {after[rel] for rel in after} == {"train", "val"}
+  assert all(after[rel] == split for rel, split in before.items())
   held = [data.is_val_file(f"0:m{i}.py", 0.1) for i in range(2000)]
   assert 0.07 < np.mean(held) < 0.13
 
