@@ -37,22 +37,35 @@ def lock_run_dir(run_dir: pathlib.Path):
   file (closing it, or the process ending, releases the lock). Raises UserError if another
   process holds it or the folder cannot be made. Where the filesystem has no locks, warns
   and goes on unlocked."""
-  try:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")
-  except OSError as e:
-    raise UserError(f"cannot create the run folder {run_dir}: {e.strerror or e}")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    f.seek(0)
-    holder = f.read().strip() or "another process"
+  path = run_dir / ".lock"
+  for _ in range(3):  # again if a failed run removed the folder meanwhile
+    try:
+      run_dir.mkdir(parents=True, exist_ok=True)
+      f = open(path, "a+")
+    except FileNotFoundError:
+      continue
+    except OSError as e:
+      raise UserError(f"cannot create the run folder {run_dir}: {e.strerror or e}")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise UserError(f"{run_dir} is being trained by {holder}; wait for it to finish or pick "
+                      "another --config.run_name")
+    except OSError as e:  # e.g. a network filesystem without flock
+      logging.warning("cannot lock %s (%s); training it unlocked", path, e)
+      return f
+    try:  # the lock counts only if it is on the file that is there now (not one removed)
+      current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+      current = False
+    if current:
+      break
     f.close()
-    raise UserError(f"{run_dir} is being trained by {holder}; wait for it to finish or pick "
-                    "another --config.run_name")
-  except OSError as e:  # e.g. a network filesystem without flock
-    logging.warning("cannot lock %s (%s); training it unlocked", run_dir / ".lock", e)
-    return f
+  else:
+    raise UserError(f"cannot lock {path}: the folder keeps being removed")
   try:  # name the holder for whoever finds the lock taken
     f.truncate(0)
     f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -98,8 +111,11 @@ def trained_corpus_sha256(run_dir: pathlib.Path, step: Optional[int] = None) -> 
   if not (pathlib.Path(run_dir) / "ckpt").is_dir():
     return None
   mngr = manager(run_dir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  return None if step is None else restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256")
+  try:
+    step = mngr.latest_step() if step is None else step
+    return None if step is None else restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256")
+  finally:
+    mngr.close()
 
 
 def read_run_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:

@@ -117,10 +117,11 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   trained_on = checkpoint.trained_corpus_sha256(run_dir, step)
   if trained_on is not None and trained_on != manifest["splits"]["train"]["sha256"]:
     raise UserError(f"{corpus} is not the corpus step {step} was trained on (rebuilt since?): "
-                    "its val split may hold text the model trained on. Rebuild it with the "
-                    f"data settings in {run_dir / 'config.json'}")
+                    "its val split may hold text the model trained on. Only the same sources "
+                    f"with the data settings in {run_dir / 'config.json'} rebuild that corpus")
   out = {"run_dir": str(run_dir), "step": step, "batch_size": batch_size,
-         "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype}
+         "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype,
+         "attention_impl": cfg.attention_impl}
   out["val"] = {"corpus": str(corpus),
                 **split_loss(params, cfg, splits["val"], batch_size)}
   out["extra_corpora"] = {}

@@ -39,7 +39,8 @@ def _full_evals(run_dir: pathlib.Path) -> list[dict]:
       r = json.loads(path.read_text())
       row = {"step": int(r["step"]), "val_loss": float(r["val"]["nats_per_char"])}
     except (OSError, ValueError, KeyError, TypeError) as e:  # the curves do not depend on it
-      logging.warning("skipping %s: not an evaluate report (%s: %s)", path, type(e).__name__, e)
+      logging.warning("skipping %s: not a readable evaluate report (%s: %s)", path,
+                      type(e).__name__, e)
       continue
     if "syntax" in r:
       row["syntax_rate"] = r["syntax"]["rate"]

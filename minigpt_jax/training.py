@@ -211,9 +211,13 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
 
   tok = CharTokenizer()
   error = None
+  # A rebuild must not replace the corpus a resumed run was trained on. Every process reads
+  # the checkpoint's record of it (Orbax's checkpoint managers synchronise all processes).
+  keep = checkpoint.trained_corpus_sha256(run_dir) if config.data.rebuild else None
+  if keep is not None:  # a resume: a changed setting is named before the corpus is built
+    check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
   if lead:  # one process prepares the corpus, the others wait and then load it
-    try:  # a rebuild must not replace the corpus a resumed run was trained on
-      keep = checkpoint.trained_corpus_sha256(run_dir) if config.data.rebuild else None
+    try:
       splits, manifest = data.load_corpus(config.data, tok, log=say, keep_train_sha256=keep)
     except Exception as e:  # raised below on every process
       error = e

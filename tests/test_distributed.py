@@ -55,6 +55,8 @@ def spy_save(mngr, step, params, opt_state, meta):
   save(mngr, step, params, opt_state, meta)
 def spy_restore(mngr, step, abstract):
   got = restore(mngr, step, abstract)
+  if "params" not in got:  # only the metadata
+    return got
   spied["restored"] = layout(got["params"])
   if args.get("dump_restored_to"):
     dump(got["params"], args["dump_restored_to"])
@@ -306,3 +308,22 @@ def test_when_process_0_cannot_prepare_the_corpus_every_process_stops(runs, tmp_
   assert rc0 not in (0, -9) and "the corpus has no train text" in err0, err0[-2000:]
   assert rc1 not in (0, -9) and "process 0 failed while preparing the corpus" in err1, err1[-2000:]
   assert time.monotonic() - t0 < 60
+
+
+def test_two_processes_resume_with_a_rebuild(runs, tmp_path):
+  """A resume with data.rebuild=True reads the corpus record of the run's checkpoint. Orbax
+  synchronises every process when it opens checkpoints, so all must read it: read by
+  process 0 alone, both processes waited for each other forever."""
+  if not _has_cpu_collectives():
+    pytest.skip("this jaxlib has no gloo CPU collectives, so CPU processes cannot talk")
+  base = runs["overrides"]("rebuild_resume", **{
+      "data.dir": str(tmp_path / "data"), "workdir": str(tmp_path / "runs"),
+      "mesh.distributed": True, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}",
+      "mesh.num_processes": 2, "train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2})
+  resume = {**base, "train.steps": 4, "data.rebuild": True}  # the sources are unchanged
+  (p0, _), (p1, _) = _finish([
+      _start(1, {"distributed": True, "runs": [{**base, "mesh.process_id": i},
+                                                {**resume, "mesh.process_id": i}]})
+      for i in range(2)], timeout=120)
+  for p in (p0, p1):
+    assert sorted(_losses(p["runs"][1])) == [3, 4]  # resumed at step 2

@@ -171,6 +171,7 @@ def test_cli_writes_the_same_report_as_the_library(trained_run, evaluated, corpu
   assert r.returncode == 0, r.stderr
   got = json.loads(out.read_text())
   assert {"run_dir", "step", "val", "extra_corpora", "syntax"} <= set(got)
+  assert (got["compute_dtype"], got["attention_impl"]) == ("float32", "xla")  # what ran, on CPU
   assert {"nats_per_char", "bits_per_char", "chars"} <= set(got["val"])
   assert {"rate", "mean_kept_chars", "mean_kept_fraction", "samples"} <= set(got["syntax"])
   # Same numbers and samples in a fresh process: deterministic across processes too.

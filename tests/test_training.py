@@ -1,3 +1,4 @@
+import fcntl
 import os
 import pathlib
 import shutil
@@ -209,6 +210,26 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tiny_config, monkeypat
   with pytest.raises(RuntimeError, match="out of memory"):
     training.train(tiny_config, log=quiet)
   assert {"config.json", "tokenizer.json", ".lock"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_the_lock_is_never_taken_on_a_removed_lock_file(tmp_path, monkeypatch):
+  """A failed new run removes its folder while holding the lock; a process that opened the
+  old lock file meanwhile must not train on a lock nobody else can see."""
+  run_dir, flock, calls = tmp_path / "run", fcntl.flock, []
+
+  def flock_after_a_removal(f, op):
+    if not calls:  # between our open and flock, the folder's failed run removes it
+      checkpoint.remove_if_only_lock(run_dir)
+    calls.append(op)
+    return flock(f, op)
+
+  monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
+  held = checkpoint.lock_run_dir(run_dir)
+  try:
+    assert len(calls) == 2  # taken again, on the file that is there now
+    assert os.fstat(held.fileno()).st_ino == os.stat(run_dir / ".lock").st_ino
+  finally:
+    held.close()
 
 
 def test_a_run_folder_that_cannot_be_made_is_a_clear_error(tiny_config):
