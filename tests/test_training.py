@@ -106,13 +106,19 @@ def test_nan_stops_before_a_checkpoint_and_the_run_can_restart(tiny_config, monk
   assert s.first_step == 0 and s.last_step == 4 and np.isfinite(list(s.train_losses.values())).all()
 
 
-def test_a_rebuild_on_resume_never_replaces_the_corpus_the_run_was_trained_on(tiny_config, tmp_path):
+def _trained_on_a_copy_of_the_sources(tiny_config, tmp_path) -> pathlib.Path:
+  """Trains tiny_config 10 steps on a copy of its sources; returns the copy's folder."""
   src = tmp_path / "src"
   shutil.copytree(tiny_config.data.roots[0], src)
   tiny_config.data.roots = (str(src),)
   tiny_config.train.steps = 10
   tiny_config.sample.num_samples = 0
   training.train(tiny_config, log=quiet)
+  return src
+
+
+def test_a_rebuild_on_resume_never_replaces_the_corpus_the_run_was_trained_on(tiny_config, tmp_path):
+  src = _trained_on_a_copy_of_the_sources(tiny_config, tmp_path)
   corpus = pathlib.Path(tiny_config.data.dir) / tiny_config.data.name
   prepared = {p.name: p.read_bytes() for p in corpus.iterdir()}
   (src / "extra.py").write_text("x = 1\n" * 50)  # lands in the train split
@@ -126,12 +132,7 @@ def test_a_rebuild_on_resume_never_replaces_the_corpus_the_run_was_trained_on(ti
 
 
 def test_resume_refuses_a_corpus_changed_since_the_checkpoint(tiny_config, tmp_path):
-  src = tmp_path / "src"
-  shutil.copytree(tiny_config.data.roots[0], src)
-  tiny_config.data.roots = (str(src),)
-  tiny_config.train.steps = 10
-  tiny_config.sample.num_samples = 0
-  training.train(tiny_config, log=quiet)
+  src = _trained_on_a_copy_of_the_sources(tiny_config, tmp_path)
   (src / "extra.py").write_text("x = 1\n" * 50)
   other = tiny_config.copy_and_resolve_references()  # a new run rebuilds the shared corpus
   other.run_name, other.data.rebuild, other.train.steps = "other", True, 1
