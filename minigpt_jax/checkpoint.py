@@ -105,15 +105,18 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
     raise UserError(f"cannot restore checkpoint step {step} in {mngr.directory}: {first[:300]}")
 
 
-def trained_corpus_sha256(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[str]:
-  """The sha256 of the train split checkpoint `step` (default: the latest) was trained on;
-  None for a run without checkpoints."""
+def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tuple[int, str]]:
+  """(step, sha256 of the train split it was trained on) for checkpoint `step` (default: the
+  latest); None for a run without checkpoints. Orbax synchronises all processes when it
+  opens checkpoints: in a multi-process run, every process must call this."""
   if not (pathlib.Path(run_dir) / "ckpt").is_dir():
     return None
   mngr = manager(run_dir, read_only=True)
   try:
     step = mngr.latest_step() if step is None else step
-    return None if step is None else restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256")
+    if step is None:
+      return None
+    return step, restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256", "")
   finally:
     mngr.close()
 

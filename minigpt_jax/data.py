@@ -100,8 +100,8 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
                  keep_train_sha256: str | None = None) -> dict:
   """Walks the roots, encodes every .py file, and writes the split corpus atomically.
 
-  With `keep_train_sha256` (the train split a run's checkpoint was trained on), a corpus
-  whose train split differs is refused before anything is written.
+  With `keep_train_sha256` (the train split a resumed run was trained on), a corpus whose
+  train split differs is refused before anything is written.
   """
   spec = spec_of(data_cfg)
   roots = [pathlib.Path(r) for r in spec["roots"]]
@@ -134,10 +134,9 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
       raise UserError(f"the corpus has no {s} text: roots {spec['roots']} hold too few .py files")
   train_sha256 = hashlib.sha256(arrays["train"].tobytes()).hexdigest()
   if keep_train_sha256 and train_sha256 != keep_train_sha256:
-    raise UserError(f"the rebuilt corpus's train split differs from the one the run's "
-                    f"checkpoints were trained on (the sources or data settings changed); "
-                    f"{out_dir} was left as it was. Resume without --config.data.rebuild=True, "
-                    "or start a new --config.run_name")
+    raise UserError(f"the corpus prepared now has another train split than the one the run's "
+                    f"checkpoints were trained on (its sources changed); {out_dir} was left as "
+                    "it was. Resume from the same sources, or start a new --config.run_name")
   manifest = {
       "spec": spec,
       "python": sys.version.split()[0],

@@ -114,8 +114,7 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   t0 = time.perf_counter()
   splits, manifest = data.load_corpus(run_config.data, tok, log=log, build=False)  # never builds
   corpus = pathlib.Path(run_config.data.dir) / run_config.data.name
-  trained_on = checkpoint.trained_corpus_sha256(run_dir, step)
-  if trained_on is not None and trained_on != manifest["splits"]["train"]["sha256"]:
+  if checkpoint.trained_on(run_dir, step)[1] != manifest["splits"]["train"]["sha256"]:
     raise UserError(f"{corpus} is not the corpus step {step} was trained on (rebuilt since?): "
                     "its val split may hold text the model trained on. Only the same sources "
                     f"with the data settings in {run_dir / 'config.json'} rebuild that corpus")

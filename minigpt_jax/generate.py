@@ -9,7 +9,6 @@ path (`generate_uncached`) reruns the full forward pass over the whole
 buffer every step: it is the reference the cached path is tested against.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,12 +48,10 @@ def decode_segments(slots: int, forwards: int, segment: int) -> list[tuple[int, 
   (the last one to exactly the slots needed), so a call attends over the slots
   allocated so far rather than over the whole context. `segment` <= 0: one scan.
   """
-  plan, done = [], 0
+  plan, done, end = [], 0, slots + forwards
   while done < forwards:
     write = slots + done  # the slot the next call writes
-    cap = slots + forwards
-    if segment > 0:
-      cap = min(cap, -(-(write + 1) // segment) * segment)
+    cap = min(end, -(-(write + 1) // segment) * segment) if segment > 0 else end
     plan.append((cap, cap - write))
     done += cap - write
   return plan

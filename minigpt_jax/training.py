@@ -211,14 +211,14 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
 
   tok = CharTokenizer()
   error = None
-  # A rebuild must not replace the corpus a resumed run was trained on. Every process reads
-  # the checkpoint's record of it (Orbax's checkpoint managers synchronise all processes).
-  keep = checkpoint.trained_corpus_sha256(run_dir) if config.data.rebuild else None
-  if keep is not None:  # a resume: a changed setting is named before the corpus is built
+  # Checkpoints record the train split they were trained on: a resume must load that corpus,
+  # and preparing the corpus (a rebuild, or one deleted) must not write another in its place.
+  start, trained_on = checkpoint.trained_on(run_dir) or (None, None)  # None: a new run
+  if start is not None:  # a resume: a changed setting is named before any corpus work
     check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
   if lead:  # one process prepares the corpus, the others wait and then load it
     try:
-      splits, manifest = data.load_corpus(config.data, tok, log=say, keep_train_sha256=keep)
+      splits, manifest = data.load_corpus(config.data, tok, log=say, keep_train_sha256=trained_on)
     except Exception as e:  # raised below on every process
       error = e
   sharding.raise_if_lead_failed(error, "preparing the corpus")
@@ -226,6 +226,9 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
     splits, manifest = data.load_corpus(config.data, tok, log=say, build=False)
   sharding.check_same_on_all_processes(
       "".join(manifest["splits"][s]["sha256"] for s in data.SPLITS), "corpora")
+  if start is not None and trained_on != manifest["splits"]["train"]["sha256"]:
+    raise UserError(f"the train corpus differs from the one step {start} of {run_dir} was "
+                    "trained on; resume with that corpus, or start a new --run_name")
   cfg = ModelConfig.from_config(config.model, tok.vocab_size)
   for s in data.SPLITS:
     if splits[s].size <= cfg.context_len + 1:
@@ -239,12 +242,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
   run_dir.mkdir(parents=True, exist_ok=True)
   mngr = checkpoint.manager(run_dir, keep=config.train.keep)
   saved_cfg_path = run_dir / "config.json"
-  start = mngr.latest_step()
-  resuming = start is not None  # a folder without checkpoints holds nothing to keep
   sharding.sync_processes("run dir checked")  # before the lead writes config.json
-  if resuming:
-    check_resumable(checkpoint.read_run_config(run_dir), config, run_dir)
-  elif lead:
+  if start is None and lead:
     saved = config.copy_and_resolve_references()
     saved.data.dir = str(pathlib.Path(config.data.dir).absolute())  # evaluate finds the corpus
     saved_cfg_path.write_text(saved.to_json(indent=1))
@@ -258,11 +257,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: pathlib.Path, log) -> Run
     with_sh = lambda t, s: jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), t, s)
     got = checkpoint.restore(mngr, start, {"params": with_sh(abstract.params, state_sh.params),
-                                           "opt_state": with_sh(abstract.opt_state, state_sh.opt_state),
-                                           "meta": None})
-    if got["meta"].get("corpus_sha256") != manifest["splits"]["train"]["sha256"]:
-      raise UserError(f"the train corpus differs from the one step {start} of {run_dir} was "
-                      "trained on; resume with that corpus, or start a new --run_name")
+                                           "opt_state": with_sh(abstract.opt_state, state_sh.opt_state)})
     state = TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
                        got["params"], got["opt_state"])
     say(f"resuming {run_dir} from step {start}")

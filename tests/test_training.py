@@ -129,6 +129,11 @@ def test_a_rebuild_on_resume_never_replaces_the_corpus_the_run_was_trained_on(ti
   assert {p.name: p.read_bytes() for p in corpus.iterdir()} == prepared
   tiny_config.data.rebuild = False  # the kept corpus still resumes the run
   assert training.train(tiny_config, log=quiet).last_step == 20
+  shutil.rmtree(corpus)  # a deleted corpus is prepared again: from changed sources, refused
+  tiny_config.train.steps = 30
+  with pytest.raises(UserError, match="another train split than the one the run's checkpoints"):
+    training.train(tiny_config, log=quiet)
+  assert not corpus.exists()
 
 
 def test_resume_refuses_a_corpus_changed_since_the_checkpoint(tiny_config, tmp_path):
