@@ -6,7 +6,8 @@ Units: sizes of text in characters (= tokens), schedules in optimizer steps.
 from ml_collections import ConfigDict
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.tokenizer import CharTokenizer, room_after_prompt
+from minigpt_jax.prompts import room_after_prompt
+from minigpt_jax.tokenizer import CharTokenizer
 
 
 def base_config() -> ConfigDict:
@@ -55,7 +56,8 @@ def base_config() -> ConfigDict:
   c.train.stop_at_step = 0  # end this invocation at this step, with a checkpoint; 0 = train.steps
   c.train.debug_recompiles = False  # log every trace of the jitted functions
 
-  c.sample = ConfigDict()  # samples printed during training
+  # How samples are drawn: during training, and the default of `sample` and `evaluate`.
+  c.sample = ConfigDict()
   c.sample.prompt = "def "
   c.sample.num_samples = 2
   c.sample.max_new_tokens = 256
@@ -76,38 +78,24 @@ def base_config() -> ConfigDict:
   return c
 
 
-def load(flag_holder) -> ConfigDict:
-  """The value of a `config_flags` flag, with load failures as a `UserError`."""
-  try:
-    config = flag_holder.value
-    if config is not None:
-      config.keys()  # a failed load raises here
-  except OSError as e:  # ml_collections defers a failed load to the first access
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    raise UserError(f"cannot load the config file: {lines[-1] if lines else e}")
-  if config is None:
-    raise UserError("--config is required, e.g. --config configs/small.py")
-  validate(config)
-  return config
-
-
 def validate(c: ConfigDict) -> None:
   """Catches values of the right type but the wrong kind, before any work starts."""
   roots = c.data.roots
   if not isinstance(roots, (tuple, list)) or not roots or not all(isinstance(r, str) for r in roots):
     raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")
-  positive = {"model.context_len": c.model.context_len, "model.d_model": c.model.d_model,
-              "model.n_layers": c.model.n_layers, "model.n_heads": c.model.n_heads,
-              "model.d_ff": c.model.d_ff, "train.steps": c.train.steps,
-              "train.batch_size": c.train.batch_size, "train.log_every": c.train.log_every,
-              "train.eval_every": c.train.eval_every, "train.ckpt_every": c.train.ckpt_every,
-              "train.keep": c.train.keep, "train.eval_batches": c.train.eval_batches}
+  from minigpt_jax.model import ModelConfig  # here: config files load without JAX
+  ModelConfig.from_section(c.model, CharTokenizer().vocab_size)  # checks the model section
+  positive = {"train.steps": c.train.steps, "train.batch_size": c.train.batch_size,
+              "train.log_every": c.train.log_every, "train.eval_every": c.train.eval_every,
+              "train.ckpt_every": c.train.ckpt_every, "train.keep": c.train.keep,
+              "train.eval_batches": c.train.eval_batches}
   for name, value in positive.items():
     if not isinstance(value, int) or value < 1:
       raise UserError(f"{name} must be a positive integer, got {value!r}")
-  if c.model.d_model % c.model.n_heads:
-    raise UserError(f"model.d_model {c.model.d_model} is not divisible by model.n_heads "
-                    f"{c.model.n_heads}")
+  for name in ("max_chars", "max_file_chars"):
+    value = c.data[name]
+    if not isinstance(value, int) or value < 0:
+      raise UserError(f"data.{name} must be an integer >= 0 (0 = no cap), got {value!r}")
   t = c.train  # optimizer settings that would train the wrong way round or not at all
   rules = {"lr": (t.lr > 0, "> 0"), "grad_clip": (t.grad_clip > 0, "> 0"),
            "warmup_steps": (t.warmup_steps >= 0, ">= 0"),
@@ -119,11 +107,6 @@ def validate(c: ConfigDict) -> None:
       raise UserError(f"train.{name} must be {rule}, got {t[name]!r}")
   if not 0 < c.data.val_fraction < 1:
     raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
-  if c.model.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-    raise UserError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, "
-                    f"got {c.model.compute_dtype!r}")
-  if c.model.attention_impl not in ("auto", "xla", "cudnn"):
-    raise UserError(f"model.attention_impl must be auto, xla or cudnn, got {c.model.attention_impl!r}")
   if not c.sample.temperature > 0 or not 0 < c.sample.top_p <= 1 or c.sample.top_k < 0:
     raise UserError("sample.temperature must be > 0, sample.top_p in (0, 1], sample.top_k >= 0")
   if c.sample.num_samples < 0 or c.sample.max_new_tokens < 1:
@@ -131,8 +114,9 @@ def validate(c: ConfigDict) -> None:
   if c.sample.num_samples and room_after_prompt(len(c.sample.prompt), c.model.context_len) < 1:
     raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) leaves no room in the "
                     f"context of {c.model.context_len}")
-  if not c.run_name or "/" in c.run_name or c.run_name.startswith("."):
-    raise UserError(f"run_name must be a plain folder name, got {c.run_name!r}")
+  for name, value in (("run_name", c.run_name), ("data.name", c.data.name)):
+    if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
+      raise UserError(f"{name} must be a plain folder name, got {value!r}")
   if not isinstance(c.train.stop_at_step, int) or c.train.stop_at_step < 0:
     raise UserError(f"train.stop_at_step must be >= 0 (0 = train.steps), got {c.train.stop_at_step!r}")
   CharTokenizer().encode(c.sample.prompt)  # its error names the characters

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minigpt_jax import sharding
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
 
@@ -214,6 +215,24 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True,
       raise UserError(f"{path} does not match its sha256 in the manifest (corrupt or edited); "
                       "rebuild with --config.data.rebuild=True")
     splits[s] = ids
+  return splits, manifest
+
+
+def load_corpus_everywhere(data_cfg, tok: CharTokenizer, log=print,
+                          keep_train_sha256: str | None = None) -> tuple[dict, dict]:
+  """`load_corpus` in a multi-process run: process 0 prepares the corpus while the others
+  wait, then they load it (hosts without a shared filesystem need a copy each), and all
+  check they hold the same one."""
+  result, error = None, None
+  if jax.process_index() == 0:
+    try:
+      result = load_corpus(data_cfg, tok, log, keep_train_sha256=keep_train_sha256)
+    except Exception as e:  # raised on every process by the barrier below
+      error = e
+  sharding.raise_if_lead_failed(error, "preparing the corpus")
+  splits, manifest = result or load_corpus(data_cfg, tok, log, build=False)
+  sharding.check_same_on_all_processes(
+      "".join(manifest["splits"][s]["sha256"] for s in SPLITS), "corpora")
   return splits, manifest
 
 

@@ -1,26 +1,74 @@
-"""Generation: prefill the KV cache with the prompt, then `lax.scan` decode loops.
+"""Generation, top to bottom: pick a token from logits, prefill the KV cache with the
+prompts, decode with `lax.scan`, and the uncached reference the cache is tested against.
 
-Prompts are left-padded to a shared length P (a power-of-two bucket, so new
-prompt lengths rarely retrace), so every row writes the same cache slot at
-each decode step; `KVCache.start_B` masks each row's padding. The cache grows
-in segments as tokens are added, so a decode step reads only the slots
-allocated so far, not the whole context. The uncached
-path (`generate_uncached`) reruns the full forward pass over the whole
-buffer every step: it is the reference the cached path is tested against.
+Prompts arrive left-padded to P slots (`prompts.pad_prompts`), so every row writes the
+same cache slot at each step; `KVCache.start_B` masks each row's padding.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig
-from minigpt_jax.sampling import SamplingConfig, sample
-from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer, room_after_prompt
+from minigpt_jax.prompts import pad_prompts
+from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
 
-MIN_BUCKET = 16
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
 
+
+# --- picking tokens -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens. Hashable: it is a static argument of the jitted decode loop.
+  The defaults are the plain softmax; what users get by default is `config.sample`."""
+
+  temperature: float = 1.0
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # keep the smallest set with probability >= p; 1.0 = off
+  greedy: bool = False  # argmax; the other fields are ignored
+
+  def __post_init__(self):
+    if not self.greedy and not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+  """Sets all but the k largest logits of each row to -inf (ties at the k-th are kept)."""
+  if k <= 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter: keeps the most likely tokens whose probabilities first reach `p`."""
+  if p >= 1.0:
+    return logits_BV
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  keep_BV = mass_before_BV < p  # the first token is always kept
+  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+
+
+def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """One token id per row, int32 [B]: greedy, or a draw after temperature, top-k, top-p."""
+  if cfg.greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+  logits_BV = top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# --- the cached decode and the uncached reference -------------------------------------------
 
 def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
                sampling: SamplingConfig, stop_at_eos: bool):
@@ -40,37 +88,29 @@ def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
   return logits_BPV[:, -1], cache
 
 
-def decode_segments(slots: int, forwards: int, segment: int) -> list[tuple[int, int]]:
-  """Static plan of the decode loop: (cache slots, model calls) for each `lax.scan`.
+def decode_segments(slots: int, calls: int, segment: int) -> list[tuple[int, int]]:
+  """The decode loop's plan: one `lax.scan` per segment, as (cache slots, model calls).
 
-  The cache starts with `slots` slots, all filled, and model call i writes slot
-  `slots + i`. Each segment grows the cache to the next multiple of `segment`
-  (the last one to exactly the slots needed), so a call attends over the slots
-  allocated so far rather than over the whole context. `segment` <= 0: one scan.
+  Model call i writes slot `slots + i`. Each scan first grows the cache to the next
+  multiple of `segment` (the last scan to exactly what it needs), so early calls attend
+  over a short cache rather than the whole context. `segment` <= 0: one scan.
   """
-  plan, done, end = [], 0, slots + forwards
-  while done < forwards:
-    write = slots + done  # the slot the next call writes
-    cap = min(end, -(-(write + 1) // segment) * segment) if segment > 0 else end
-    plan.append((cap, cap - write))
-    done += cap - write
-  return plan
+  end = slots + calls
+  caps = [end]
+  if segment > 0:
+    caps = [*range((slots // segment + 1) * segment, end, segment), end]
+  return [(cap, cap - prev) for prev, cap in zip([slots, *caps], caps)] if calls else []
 
 
 def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
            steps: int, sampling: SamplingConfig, stop_at_eos: bool = True,
            segment: int = DECODE_SEGMENT):
-  """Samples `steps` tokens after `logits_BV` (the prompt's last logits).
+  """Samples `steps` tokens after the prompts whose last logits are `logits_BV`.
 
-  Token 0 comes from `logits_BV`; each later token costs one model call on the token
-  before it, so there are `steps - 1` calls, run as `lax.scan`s over the segments of
-  `decode_segments` while the cache grows. Returns (tokens [B, steps], cache holding
-  all but the last token). A row that has produced `<eos>` (with `stop_at_eos`)
-  produces `<pad>` after it. Tokens are picked by `next_token`, as in `generate_uncached`.
-
-  The segments are planned from the cache's slot count, taking it to be full, as
-  `prefill` into `KVCache.init(cfg, B, P)` leaves it. A cache with free slots still gives
-  the same tokens, but grows by `steps - 1` slots beyond its size all the same.
+  Token 0 comes from `logits_BV`; each later one costs one model call on the token before
+  it, in the scans of `decode_segments` (planned for a full cache, as `prefill` leaves
+  it). A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
+  Returns (tokens [B, G], the cache holding all but the last token).
   """
   if steps < 1:
     raise ValueError(f"decode: steps must be >= 1, got {steps}")
@@ -88,8 +128,8 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   t = 1
   for slots, calls in decode_segments(cache.slots, steps - 1, segment):
     carry = (cache.grow(slots), tok_B, done_B)
-    (cache, tok_B, done_B), tokens_NB = jax.lax.scan(step, carry, jnp.arange(t, t + calls))
-    tokens.append(tokens_NB.T)
+    (cache, tok_B, done_B), tokens_GB = jax.lax.scan(step, carry, jnp.arange(t, t + calls))
+    tokens.append(tokens_GB.T)
     t += calls
   return jnp.concatenate(tokens, axis=1), cache
 
@@ -114,8 +154,8 @@ def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: j
     return (buffer_BS, done_B), tok_B
 
   done_B = jnp.zeros(buffer_BS.shape[:1], bool)
-  _, tokens_NB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
-  return tokens_NB.T
+  _, tokens_GB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
+  return tokens_GB.T
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -127,43 +167,12 @@ generate_uncached_jit = jax.jit(
     generate_uncached, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
 
 
-def bucket(n: int, limit: int) -> int:
-  """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
-  b = MIN_BUCKET
-  while b < n:
-    b *= 2
-  return max(n, min(b, limit))
-
-
-def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int):
-  """Left-pads encoded prompts (each led by `<eos>`, the start-of-file marker).
-
-  Returns (tokens [B, P] int32, start_B int32).
-  Raises UserError if a prompt plus the new tokens would not fit the context.
-  """
-  if max_new_tokens < 1:
-    raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  rows = [np.concatenate([[EOS_ID], np.asarray(p, np.int32)]) for p in prompts]
-  longest = max(len(r) for r in rows)
-  if max_new_tokens > room_after_prompt(longest - 1, context_len):
-    raise UserError(
-        f"prompt of {longest - 1} chars + max_new_tokens {max_new_tokens} exceed the context "
-        f"length {context_len} (one slot holds the start marker); shorten the prompt or lower "
-        "max_new_tokens")
-  P = bucket(longest, context_len - max_new_tokens)
-  tokens_BP = np.full((len(rows), P), PAD_ID, np.int32)
-  start_B = np.array([P - len(r) for r in rows], np.int32)
-  for row, (r, s) in enumerate(zip(rows, start_B)):
-    tokens_BP[row, s:] = r
-  return tokens_BP, start_B
-
-
 def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
                     sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
                     stop_at_eos: bool = True, segment: int = DECODE_SEGMENT) -> np.ndarray:
   """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens].
 
-  With the cache, the prompt fills a cache of exactly its P slots, which `decode` then
+  With the cache, the prompts fill a cache of exactly their P slots, which `decode` then
   grows `segment` slots at a time (0: straight to P + max_new_tokens - 1).
   """
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
@@ -174,13 +183,13 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
   if use_cache:
     cache = KVCache.init(cfg, B, P, start_B)
     logits_BV, cache = prefill_jit(params, cfg, jnp.asarray(tokens_BP), cache)
-    new_BN, _ = decode_jit(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
+    new_BG, _ = decode_jit(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
                            stop_at_eos, segment)
   else:
     buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
-    new_BN = generate_uncached_jit(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
+    new_BG = generate_uncached_jit(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
                                    key, P, sampling, stop_at_eos)
-  return np.asarray(new_BN)
+  return np.asarray(new_BG)
 
 
 def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
@@ -188,6 +197,6 @@ def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[st
                   use_cache: bool = True, stop_at_eos: bool = True) -> list[str]:
   """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`)."""
   ids = [tok.encode(p) for p in prompts]
-  new_BN = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+  new_BG = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                            seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos)
-  return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BN]
+  return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BG]

@@ -1,12 +1,53 @@
-"""Dense bf16 peak FLOP/s of known accelerators, for MFU."""
+"""What this machine can do: the settings "auto" resolves to, and peak FLOP/s for MFU."""
 
+import dataclasses
+import functools
+import logging
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+
+from minigpt_jax.errors import UserError, first_line
+from minigpt_jax.model import ModelConfig
 
 # device_kind substring -> dense bf16 peak (FLOP/s), from NVIDIA's data sheets; first match
 # wins, so the PCIe H100 (a lower clock) comes before the SXM one.
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+
+
+def resolve(cfg: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
+  """`cfg` with "auto" settings chosen for `platform` (default: JAX's backend): bfloat16
+  compute on accelerators, cuDNN flash attention on GPUs where it runs the model's shape.
+  An explicit "cudnn" that cannot run is a UserError."""
+  platform = platform or jax.default_backend()
+  dtype = cfg.compute_dtype
+  if dtype == "auto":
+    dtype = "bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
+  resolved = dataclasses.replace(cfg, compute_dtype=dtype, attention_impl="xla")
+  if cfg.attention_impl == "xla":
+    return resolved
+  cudnn_ok = platform in ("gpu", "cuda") and dtype != "float32" and cudnn_attention_works(
+      resolved.context_len, resolved.n_heads, resolved.head_dim, dtype)
+  if cfg.attention_impl == "cudnn" and not cudnn_ok:
+    raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU whose cuDNN has flash "
+                    f"attention for this model's shape, and 16-bit compute; here: {platform}, "
+                    f"{dtype}. Use 'auto' or 'xla'")
+  return dataclasses.replace(resolved, attention_impl="cudnn") if cudnn_ok else resolved
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_attention_works(context_len: int, n_heads: int, head_dim: int, dtype: str) -> bool:
+  """Runs cuDNN flash attention once on the model's own shape (it needs a recent cuDNN,
+  a supported GPU, and supports only some head widths and lengths)."""
+  try:
+    x = jnp.zeros((1, context_len, n_heads, head_dim), dtype)
+    jax.block_until_ready(jax.jit(lambda q: jax.nn.dot_product_attention(
+        q, q, q, is_causal=True, implementation="cudnn"))(x))
+    return True
+  except Exception as e:  # any failure means: use XLA's attention instead
+    logging.warning("cuDNN attention unavailable (%s); using XLA attention", first_line(e, 200))
+    return False
 
 
 def peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:

@@ -1,7 +1,9 @@
 """MiniGPT in flax.linen, built bottom-up: embeddings -> single-head attention ->
 multi-head attention -> FFN -> pre-norm block -> model.
 
-Shape key: B batch, T time (query slots), S cache slots, D model width, H heads,
+Shape key, one meaning per letter across the package: B batch, T time (query slots),
+W window (T + 1: inputs plus the last target), S cache slots, P prompt slots,
+G generated tokens per row, N tokens of a corpus split, D model width, H heads,
 K head width, F FFN width, V vocabulary, L layers.
 
 One definition serves training, prefill and decode. A batch row may start with
@@ -11,8 +13,6 @@ go to slots `cache.index .. cache.index + T - 1`.
 """
 
 import dataclasses
-import functools
-import logging
 import math
 from typing import Optional
 
@@ -28,25 +28,47 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Model hyperparameters (resolved: no "auto" left)."""
+  """Model hyperparameters: the config's `model` section plus the vocabulary size.
 
-  vocab_size: int = 99
-  context_len: int = 512
-  d_model: int = 512
-  n_layers: int = 8
-  n_heads: int = 8
-  d_ff: int = 2048
-  vocab_pad_multiple: int = 128  # LM head width is rounded up to this
-  compute_dtype: str = "float32"  # parameters are always float32
-  attention_impl: str = "xla"  # "xla" or "cudnn" (for the causal, cache-free path)
+  `compute_dtype` and `attention_impl` may be "auto" until `hardware.resolve` picks them
+  for the machine at hand; the model runs only on a resolved config.
+  """
+
+  vocab_size: int
+  context_len: int  # tokens
+  d_model: int
+  n_layers: int
+  n_heads: int
+  d_ff: int
+  vocab_pad_multiple: int  # LM head width is rounded up to this
+  compute_dtype: str  # "auto", "float32", "bfloat16" or "float16"; parameters stay float32
+  attention_impl: str  # "auto", "xla" or "cudnn" (for the causal, cache-free path)
 
   def __post_init__(self):
+    for name in ("vocab_size", "context_len", "d_model", "n_layers", "n_heads", "d_ff",
+                 "vocab_pad_multiple"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"model.{name} must be a positive integer, got {value!r}")
     if self.d_model % self.n_heads:
-      raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-    if self.compute_dtype not in _DTYPES:
-      raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ValueError(f"attention_impl must be xla or cudnn, got {self.attention_impl!r}")
+      raise UserError(f"model.d_model {self.d_model} is not divisible by model.n_heads "
+                      f"{self.n_heads}")
+    if self.compute_dtype not in ("auto", *_DTYPES):
+      raise UserError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, "
+                      f"got {self.compute_dtype!r}")
+    if self.attention_impl not in ("auto", "xla", "cudnn"):
+      raise UserError(f"model.attention_impl must be auto, xla or cudnn, got "
+                      f"{self.attention_impl!r}")
+
+  @classmethod
+  def from_section(cls, model_section, vocab_size: int) -> "ModelConfig":
+    """From a config's `model` section (a ConfigDict or a dict, e.g. a run's config.json)."""
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    given = dict(model_section)
+    if set(given) != fields:
+      odd = sorted(set(given) ^ fields)
+      raise UserError(f"the model section has unknown or missing fields: {', '.join(odd)}")
+    return cls(vocab_size=vocab_size, **given)
 
   @property
   def head_dim(self) -> int:
@@ -54,75 +76,57 @@ class ModelConfig:
 
   @property
   def padded_vocab(self) -> int:
-    m = max(1, self.vocab_pad_multiple)
-    return -(-self.vocab_size // m) * m
+    return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
   @property
   def dtype(self):
     return _DTYPES[self.compute_dtype]
-
-  @classmethod
-  def from_config(cls, model_cfg, vocab_size: int, platform: Optional[str] = None) -> "ModelConfig":
-    """Builds from the `model` config section, resolving "auto" for `platform`."""
-    platform = platform or jax.default_backend()
-    accel = platform in ("gpu", "cuda", "rocm", "tpu")
-    dtype = model_cfg.compute_dtype
-    if dtype == "auto":
-      dtype = "bfloat16" if accel else "float32"
-    impl = model_cfg.attention_impl
-    gpu_16bit = platform in ("gpu", "cuda") and dtype != "float32"
-    if impl == "auto":
-      impl = "cudnn" if gpu_16bit and _cudnn_attention_works(dtype) else "xla"
-    elif impl == "cudnn" and not (gpu_16bit and _cudnn_attention_works(dtype)):
-      raise UserError(f"model.attention_impl='cudnn' needs an NVIDIA GPU whose cuDNN has flash "
-                      f"attention, and 16-bit compute; here: {platform}, {dtype}. Use 'auto' "
-                      "or 'xla'")
-    return cls(vocab_size=vocab_size, context_len=model_cfg.context_len,
-               d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
-               n_heads=model_cfg.n_heads, d_ff=model_cfg.d_ff,
-               vocab_pad_multiple=model_cfg.vocab_pad_multiple,
-               compute_dtype=dtype, attention_impl=impl)
-
-
-@functools.lru_cache(maxsize=None)
-def _cudnn_attention_works(dtype: str) -> bool:
-  """Probes cuDNN flash attention once (it needs a recent cuDNN and a supported GPU)."""
-  try:
-    x = jnp.zeros((1, 128, 2, 64), _DTYPES[dtype])
-    jax.block_until_ready(jax.jit(lambda q: jax.nn.dot_product_attention(
-        q, q, q, is_causal=True, implementation="cudnn"))(x))
-    return True
-  except Exception as e:  # any failure means: use XLA's attention instead
-    logging.warning("cuDNN attention unavailable (%s); using XLA attention", str(e)[:200])
-    return False
 
 
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of every layer, passed into and returned from `MiniGPT.__call__`.
 
-  Slot j of row b holds the token at position j - start_B[b]; slots before
-  start_B[b] are left padding and never attended to. Keys and values are
-  stored head-major, [L, B, H, S, K], the layout attention reads: with
-  [L, B, S, H, K], XLA transposed every layer's cache on every decode step
-  (full config, batch 8, 512 slots, CPU: 37.6 ms per step against 11.6).
+  Slot j of row b holds the token at position j - start_B[b]; slots before start_B[b]
+  are left padding and never attended to. Stored head-major, [L, B, H, S, K], the
+  layout attention reads (BENCHMARKS.md: the other layout costs a transpose per step).
   """
 
   k_LBHSK: jax.Array
   v_LBHSK: jax.Array
   start_B: jax.Array  # int32 [B]: slot of each row's first real token
-  index: jax.Array  # int32 []: next slot to write
+  end_L: jax.Array  # int32 [L]: slots each layer has written (all equal between model calls)
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, slots: int, start_B=None) -> "KVCache":
     shape = (cfg.n_layers, batch, cfg.n_heads, slots, cfg.head_dim)
     start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
     return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), start_B,
-               jnp.zeros((), jnp.int32))
+               jnp.zeros((cfg.n_layers,), jnp.int32))
 
   @property
   def slots(self) -> int:
     return self.k_LBHSK.shape[3]
+
+  @property
+  def index(self) -> jax.Array:
+    """The next slot to write."""
+    return self.end_L[0]
+
+  def append(self, layer: int, k_BTHK: jax.Array, v_BTHK: jax.Array):
+    """Writes `layer`'s keys and values of T new tokens at its next T slots.
+
+    Returns (cache, all keys [B, S, H, K], all values [B, S, H, K], the new slots [T])."""
+    end = self.end_L[layer]
+    at = (layer, 0, 0, end, 0)
+    write = lambda c_LBHSK, x_BTHK: jax.lax.dynamic_update_slice(
+        c_LBHSK, jnp.swapaxes(x_BTHK, 1, 2)[None].astype(c_LBHSK.dtype), at)
+    T = k_BTHK.shape[1]
+    cache = self.replace(k_LBHSK=write(self.k_LBHSK, k_BTHK), v_LBHSK=write(self.v_LBHSK, v_BTHK),
+                         end_L=self.end_L.at[layer].add(T))
+    keys_BSHK = jnp.swapaxes(cache.k_LBHSK[layer], 1, 2)
+    values_BSHK = jnp.swapaxes(cache.v_LBHSK[layer], 1, 2)
+    return cache, keys_BSHK, values_BSHK, end + jnp.arange(T)
 
   def grow(self, slots: int) -> "KVCache":
     """The same cache with `slots` slots; the new ones are empty (zeros)."""
@@ -210,23 +214,13 @@ class MultiHeadAttention(nn.Module):
           q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation=cfg.attention_impl)
     else:
       if cache is None:  # full forward over left-padded rows
-        q_slots_T = jnp.arange(T)
-        keys_BSHK, values_BSHK, k_slots_S = k_BTHK, v_BTHK, q_slots_T
+        keys_BSHK, values_BSHK, q_slots_T = k_BTHK, v_BTHK, jnp.arange(T)
       else:
         check_shape(self, "cached keys", cache.k_LBHSK,
                     (cfg.n_layers, B, cfg.n_heads, None, cfg.head_dim))
-        idx = (self.layer, 0, 0, cache.index, 0)
-        write = lambda c, x_BTHK: jax.lax.dynamic_update_slice(
-            c, jnp.swapaxes(x_BTHK, 1, 2)[None].astype(c.dtype), idx)
-        cache = cache.replace(k_LBHSK=write(cache.k_LBHSK, k_BTHK),
-                              v_LBHSK=write(cache.v_LBHSK, v_BTHK))
-        # Head-major storage: the attention reads keys without transposing the cache.
-        keys_BSHK = jnp.swapaxes(cache.k_LBHSK[self.layer], 1, 2)
-        values_BSHK = jnp.swapaxes(cache.v_LBHSK[self.layer], 1, 2)
-        q_slots_T = cache.index + jnp.arange(T)
-        k_slots_S = jnp.arange(keys_BSHK.shape[1])
+        cache, keys_BSHK, values_BSHK, q_slots_T = cache.append(self.layer, k_BTHK, v_BTHK)
         start_B = cache.start_B
-      mask_B1TS = attention_mask(q_slots_T, k_slots_S, start_B)
+      mask_B1TS = attention_mask(q_slots_T, jnp.arange(keys_BSHK.shape[1]), start_B)
       out_BTHK = jax.nn.dot_product_attention(
           q_BTHK, keys_BSHK.astype(cfg.dtype), values_BSHK.astype(cfg.dtype),
           mask=mask_B1TS, implementation="xla")
@@ -281,26 +275,30 @@ class MiniGPT(nn.Module):
     cfg = self.cfg
     check_shape(self, "tokens", tokens_BT, (None, None))
     B, T = tokens_BT.shape
-    if cache is None and T > cfg.context_len:
-      raise ValueError(f"MiniGPT: {T} tokens exceed the context length {cfg.context_len}")
-    slots_T = jnp.arange(T) if cache is None else cache.index + jnp.arange(T)
-    if cache is not None:
-      start_B = cache.start_B
+    if cache is None:
+      if T > cfg.context_len:
+        raise ValueError(f"MiniGPT: {T} tokens exceed the context length {cfg.context_len}")
+      slots_T = jnp.arange(T)
+    else:  # a cache within the context keeps every position inside the position table
+      if cache.slots > cfg.context_len:
+        raise ValueError(f"MiniGPT: a cache of {cache.slots} slots exceeds the context length "
+                         f"{cfg.context_len}")
+      slots_T, start_B = cache.index + jnp.arange(T), cache.start_B
     if start_B is None:
       pos_BT = jnp.broadcast_to(slots_T, (B, T))
-    else:
+    else:  # left padding sits at position 0; it is masked out of every real row's attention
       check_shape(self, "start", start_B, (B,))
-      pos_BT = jnp.clip(slots_T[None, :] - start_B[:, None], 0, cfg.context_len - 1)
+      pos_BT = jnp.maximum(slots_T[None, :] - start_B[:, None], 0)
 
     x_BTD = Embeddings(cfg, name="embed")(tokens_BT, pos_BT)
     for i in range(cfg.n_layers):
       x_BTD, cache = Block(cfg, layer=i, name=f"block_{i}")(x_BTD, start_B, cache)
     x_BTD = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
-    logits_BTV = nn.Dense(cfg.padded_vocab, use_bias=False, dtype=cfg.dtype,
-                          kernel_init=_dense_init(), name="lm_head")(x_BTD)
-    logits_BTV = logits_BTV.astype(jnp.float32)[..., :cfg.vocab_size]
-    if cache is not None:
-      cache = cache.replace(index=cache.index + T)
+    # The head runs in float32 even with 16-bit compute: its logits feed the loss and the
+    # sampling probabilities, which bf16 (8 bits of mantissa) would round.
+    logits_BTV = nn.Dense(cfg.padded_vocab, use_bias=False, dtype=jnp.float32,
+                          kernel_init=_dense_init(), name="lm_head")(x_BTD.astype(jnp.float32))
+    logits_BTV = logits_BTV[..., :cfg.vocab_size]
     check_shape(self, "logits", logits_BTV, (B, T, cfg.vocab_size))
     return logits_BTV, cache
 

@@ -10,8 +10,11 @@ import time
 
 from absl import flags
 
-from minigpt_jax.errors import UserError, run_cli
+from minigpt_jax import cli
+from minigpt_jax.config import base_config
+from minigpt_jax.errors import UserError
 
+_DEFAULT = base_config().sample  # the one documented default, shared with training and evaluate
 _CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or its ckpt/<step>; "
                             "default: the most recently saved run in checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -19,9 +22,9 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for several 
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose whole text is one more prompt.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Characters to generate per sample "
                                 "(the default shrinks to fit the model's context).")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (> 0).")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely characters; 0 = off.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1.0 = off.")
+_TEMP = flags.DEFINE_float("temperature", _DEFAULT.temperature, "Softmax temperature (> 0).")
+_TOP_K = flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Keep the k most likely characters; 0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", _DEFAULT.top_p, "Nucleus sampling mass; 1.0 = off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: same seed and flags, same text.")
 _NUM = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Always take the most likely character.")
@@ -31,53 +34,52 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: auto).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _NUM.value < 1:
-    raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
+def read_prompts() -> list[str]:
   prompts = list(_PROMPT.value or [])
   if _PROMPT_FILE.value:
     try:
       prompts.append(pathlib.Path(_PROMPT_FILE.value).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read --prompt_file: {e}")
-  prompts = prompts or ["def "]
+  return prompts or ["def "]
 
-  from minigpt_jax import checkpoint, generate, sampling, tokenizer  # after flag parsing: --help stays fast
+
+def main(_):
+  if _NUM.value < 1:
+    raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
+  prompts = read_prompts()
+  from minigpt_jax import generate, prompts as prompts_lib, runs  # after flag parsing: fast --help
   try:
-    cfg_sampling = sampling.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
-                                           top_p=_TOP_P.value, greedy=_GREEDY.value)
+    sampling = generate.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
+                                       top_p=_TOP_P.value, greedy=_GREEDY.value)
   except ValueError as e:
     raise UserError(str(e))
-  path = _CKPT.value or checkpoint.most_recent_run()
+  path = _CKPT.value or runs.most_recent()
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
-  params, cfg, tok, _, step, _ = checkpoint.load_for_inference(path, _STEP.value, _DTYPE.value)
+  run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
   rows = [p for p in prompts for _ in range(_NUM.value)]
   max_new = _MAX_NEW.value
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
-    room = tokenizer.room_after_prompt(max(len(p) for p in prompts), cfg.context_len)
-    max_new = max(1, min(max_new, room))
+    max_new = prompts_lib.fit_new_tokens(max_new, map(len, prompts), run.model_cfg.context_len)
   t0 = time.perf_counter()
   texts = generate.generate_text(
-      params, cfg, tok, rows, max_new_tokens=max_new, sampling=cfg_sampling,
+      run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new, sampling=sampling,
       seed=_SEED.value, use_cache=not _NO_CACHE.value, stop_at_eos=_STOP.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
-    out = {"checkpoint": path, "step": step, "seed": _SEED.value,
-           "cache": not _NO_CACHE.value, "seconds": seconds,
-           "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
-                       for i, (p, t) in enumerate(zip(rows, texts))]}
-    print(json.dumps(out, indent=1))
+    print(json.dumps({"checkpoint": path, "step": run.step, "seed": _SEED.value,
+                      "cache": not _NO_CACHE.value, "seconds": seconds,
+                      "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
+                                  for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
   for i, (p, t) in enumerate(zip(rows, texts)):
     if len(rows) > 1:
       print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
     sys.stdout.write(p + t + "\n")
-  print(f"[step {step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
+  print(f"[step {run.step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  run_cli(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from minigpt_jax.errors import UserError
+from minigpt_jax.errors import UserError, first_line
 
 AXES = ("data", "fsdp")
 BATCH = P(AXES)  # leading (batch) dimension split over every device
@@ -51,6 +51,12 @@ def state_shardings(mesh: Mesh, abstract_tree):
   return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract_tree)
 
 
+def with_shardings(abstract_tree, shardings_tree):
+  """ShapeDtypeStructs that carry their target shardings (what Orbax restores onto)."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      abstract_tree, shardings_tree)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -76,8 +82,7 @@ def initialize_distributed(mesh_cfg) -> None:
         num_processes=mesh_cfg.num_processes if mesh_cfg.num_processes > 0 else None,
         process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
   except (RuntimeError, ValueError) as e:
-    first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-    raise UserError(f"cannot join the distributed runtime: {first[:300]}; outside Slurm/Open MPI "
+    raise UserError(f"cannot join the distributed runtime: {first_line(e).rstrip('.')}; outside Slurm/Open MPI "
                     "set --config.mesh.coordinator_address, .num_processes and .process_id")
 
 

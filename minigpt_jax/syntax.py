@@ -99,25 +99,3 @@ def validity(samples: list[str], truncated: list[bool] | None = None) -> dict:
       "mean_kept_fraction": sum(k / len(s) for k, s in zip(kept, samples) if s) / n if n else 0.0,
       "kept_chars": kept,
   }
-
-
-def sample_validity(params, cfg, tok, prompts: list[str], *, max_new_tokens: int, sampling,
-                    seed: int = 0) -> dict:
-  """Continues each prompt once and checks the syntax of prompt + continuation.
-
-  A sample that stopped at `<eos>` (end of file) may keep its last line; one
-  that ran into `max_new_tokens` keeps only statements followed by another
-  top-level line. Returns `validity`'s dict plus "samples": [{"text",
-  "kept_chars", "ended_at_eos"}].
-  """
-  from minigpt_jax import generate  # syntax checks alone need no JAX
-  from minigpt_jax.tokenizer import EOS_ID
-  new_BN = generate.generate_tokens(params, cfg, [tok.encode(p) for p in prompts],
-                                    max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
-  texts = [p + tok.decode(row, stop_at_eos=True) for p, row in zip(prompts, new_BN)]
-  truncated = [not (row == EOS_ID).any() for row in new_BN]
-  result = validity(texts, truncated)
-  kept = result.pop("kept_chars")
-  result["samples"] = [{"text": t, "kept_chars": k, "ended_at_eos": not tr}
-                       for t, k, tr in zip(texts, kept, truncated)]
-  return result

@@ -13,12 +13,6 @@ CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))
 _MISSING = 255  # marks bytes outside the vocabulary in the lookup table
 
 
-def room_after_prompt(prompt_len: int, context_len: int) -> int:
-  """How many new tokens fit in the context after a prompt of `prompt_len` characters:
-  a prompt is led by `<eos>` (the start-of-file marker), which takes one slot."""
-  return context_len - 1 - prompt_len
-
-
 class TokenizerError(UserError, ValueError):
   """Text holds characters the vocabulary cannot encode."""
 

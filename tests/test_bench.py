@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from conftest import REPO, run_module
-from minigpt_jax import bench, hardware
+from helpers import REPO, run_module
+from minigpt_jax import hardware, throughput
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.tokenizer import CharTokenizer
@@ -25,20 +25,20 @@ def _fake_device(kind="cpu", stats=None):
 def test_timed_repeats_measures_each_call_with_the_clock():
   ticks = iter([10.0, 11.0, 20.0, 22.5, 30.0, 30.5])
   calls = []
-  seconds = bench.timed_repeats(lambda: calls.append(1), 3, clock=lambda: next(ticks))
+  seconds = throughput.timed_repeats(lambda: calls.append(1), 3, clock=lambda: next(ticks))
   assert seconds == [1.0, 2.5, 0.5]
   assert len(calls) == 3
 
 
 def test_rate_is_count_over_median_seconds():
-  tok_s, each = bench.rate(100, [1.0, 4.0, 2.0])
+  tok_s, each = throughput.rate(100, [1.0, 4.0, 2.0])
   assert tok_s == 50.0
   assert each == [100.0, 25.0, 50.0]
 
 
 def test_tflops_per_s():
-  assert bench.tflops_per_s(176.6e6, 1e6) == pytest.approx(176.6)
-  assert bench.tflops_per_s(1e6, 0.0) == 0.0
+  assert throughput.tflops_per_s(176.6e6, 1e6) == pytest.approx(176.6)
+  assert throughput.tflops_per_s(1e6, 0.0) == 0.0
 
 
 @pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
@@ -57,14 +57,14 @@ def test_mfu_is_achieved_over_peak_times_devices_and_none_when_unknown():
 
 
 def test_peak_memory_bytes_is_none_when_the_backend_reports_nothing():
-  assert bench.peak_memory_bytes(_fake_device(stats=None)) is None
-  assert bench.peak_memory_bytes(_fake_device(stats={"bytes_in_use": 3})) is None
-  assert bench.peak_memory_bytes(_fake_device(stats={"peak_bytes_in_use": 7})) == 7
+  assert throughput.peak_memory_bytes(_fake_device(stats=None)) is None
+  assert throughput.peak_memory_bytes(_fake_device(stats={"bytes_in_use": 3})) is None
+  assert throughput.peak_memory_bytes(_fake_device(stats={"peak_bytes_in_use": 7})) == 7
 
 
 def test_compiled_memory_reports_buffer_sizes():
   compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8), jnp.float32)).compile()
-  mem = bench.compiled_memory(compiled)
+  mem = throughput.compiled_memory(compiled)
   assert set(mem) == {"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"}
   assert mem["argument_bytes"] == 8 * 8 * 4
 
@@ -74,25 +74,25 @@ def test_speedups_pair_only_rows_measured_both_ways():
           {"mode": "cached", "batch": 1, "new_tokens": 511, "tokens_per_s": 500.0},
           {"mode": "uncached", "batch": 1, "new_tokens": 64, "tokens_per_s": 100.0},
           {"mode": "uncached", "batch": 8, "new_tokens": 64, "tokens_per_s": 100.0}]
-  assert bench.speedups(rows) == [{"batch": 1, "new_tokens": 64, "cached_over_uncached": 3.0}]
+  assert throughput.speedups(rows) == [{"batch": 1, "new_tokens": 64, "cached_over_uncached": 3.0}]
 
 
 def test_decode_plan_gives_every_uncached_run_a_cached_twin():
-  assert bench.decode_plan([1, 8], 511, 64, False) == [
+  assert throughput.decode_plan([1, 8], 511, 64, False) == [
       (True, 1, 64), (True, 1, 511), (True, 8, 64), (True, 8, 511), (False, 1, 64),
       (False, 8, 64)]
-  assert bench.decode_plan([1], 511, 511, False) == [(True, 1, 511), (False, 1, 511)]
-  assert bench.decode_plan([1, 8], 511, 64, True) == [(True, 1, 511), (True, 8, 511)]
-  assert bench.decode_plan([], 511, 64, False) == []
+  assert throughput.decode_plan([1], 511, 511, False) == [(True, 1, 511), (False, 1, 511)]
+  assert throughput.decode_plan([1, 8], 511, 64, True) == [(True, 1, 511), (True, 8, 511)]
+  assert throughput.decode_plan([], 511, 64, False) == []
 
 
 def test_parse_sizes():
-  assert bench.parse_sizes(["8", "32", "128"], "batch_sizes") == [8, 32, 128]
-  assert bench.parse_sizes([], "batch_sizes") == []
-  assert bench.parse_sizes(None, "batch_sizes") is None
+  assert throughput.parse_sizes(["8", "32", "128"], "batch_sizes") == [8, 32, 128]
+  assert throughput.parse_sizes([], "batch_sizes") == []
+  assert throughput.parse_sizes(None, "batch_sizes") is None
   for bad in (["8", "x"], ["0"], ["-4"]):
     with pytest.raises(UserError, match="batch_sizes"):
-      bench.parse_sizes(bad, "batch_sizes")
+      throughput.parse_sizes(bad, "batch_sizes")
 
 
 def test_bench_cli_on_tiny_config(tmp_path):
@@ -106,8 +106,8 @@ def test_bench_cli_on_tiny_config(tmp_path):
   assert json.loads(out.read_text()) == result
   assert "cached/uncached" in proc.stderr  # the table
 
-  cfg = ModelConfig.from_config(tiny.get_config().model, CharTokenizer().vocab_size, "cpu")
-  assert result["schema"] == bench.SCHEMA
+  cfg = hardware.resolve(ModelConfig.from_section(tiny.get_config().model, CharTokenizer().vocab_size), "cpu")
+  assert result["schema"] == throughput.SCHEMA
   assert result["platform"] == "cpu" and result["device_count"] >= 1
   assert set(result["versions"]) >= {"jax", "jaxlib", "flax", "optax"}
   assert result["flops_per_token"] == flops_per_token(cfg)
@@ -136,7 +136,7 @@ def test_bench_cli_on_tiny_config(tmp_path):
   speed = {(s["batch"], s["new_tokens"]): s["cached_over_uncached"]
            for s in result["decode"]["speedups"]}
   assert list(speed) == [(2, 4)] and speed[2, 4] > 0
-  assert result["decode"]["cache_segment"] == bench.generate.DECODE_SEGMENT  # as when sampling
+  assert result["decode"]["cache_segment"] == throughput.generate.DECODE_SEGMENT  # as when sampling
 
 
 def test_bench_cli_refuses_too_many_decode_tokens():

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_module, tiny_flags
-from minigpt_jax import checkpoint, report
+from helpers import run_module, tiny_flags
+from minigpt_jax import report, runs
 
 
 def _ok(proc):
@@ -72,8 +72,8 @@ def test_exact_resume_across_processes(tmp_path, corpus_dir):
                     if r["kind"] == "train"}
   assert sorted(loss(split)) == list(range(1, 21))
   assert loss(split) == loss(straight)
-  a = checkpoint.load_for_inference(str(straight / "runs/tiny"))[0]
-  b = checkpoint.load_for_inference(str(split / "runs/tiny"))[0]
+  a = runs.load_for_inference(str(straight / "runs/tiny")).params
+  b = runs.load_for_inference(str(split / "runs/tiny")).params
   import jax
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
@@ -135,7 +135,7 @@ def test_train_empty_corpus(tmp_path):
 
 
 def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):
-  held = checkpoint.lock_run_dir(tmp_path / "runs" / "tiny")  # this process "is training" it
+  held = runs.lock_run_dir(tmp_path / "runs" / "tiny")  # this process "is training" it
   try:
     proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir))
   finally:

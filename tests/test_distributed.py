@@ -2,9 +2,9 @@
 
 Every multi-device case runs in a child process, because the number of CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count) and the distributed
-runtime are fixed when JAX starts. The children share one script (_CHILD): it
-trains, spies on what `checkpoint.save` / `checkpoint.restore` see (the live
-training arrays), and prints one JSON line; the assertions live here.
+runtime are fixed when JAX starts. The children all run distributed_child.py, which
+trains, spies on what `runs.save` / `runs.restore` see, and prints one JSON line; the
+assertions live here.
 """
 
 import json
@@ -19,97 +19,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 STEPS = 8  # every run's schedule; the FSDP run stops at SPLIT and resumes on another mesh
 SPLIT = 4
 TOL = dict(rtol=2e-5, atol=2e-5)  # float32: reductions split over devices change the rounding
 
-_CHILD = r'''
-import json, os, sys
-import jax, numpy as np
-from configs import tiny
-from minigpt_jax import checkpoint, sharding, training
-
-args = json.loads(sys.argv[1])
-out = {"devices": jax.device_count()} if not args.get("distributed") else {}
-
-def flat(tree):
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(p): x for p, x in leaves}
-
-def layout(params):  # spec and local shard shapes of every parameter
-  spec = lambda x: str(getattr(x.sharding, "spec", x.sharding))
-  return {k: [spec(x), [list(s.data.shape) for s in x.addressable_shards]]
-          for k, x in flat(params).items()}
-
-def dump(params, path):
-  np.savez(path, **{k: np.asarray(jax.device_get(x)) for k, x in flat(params).items()})
-
-spied = {}
-save, restore = checkpoint.save, checkpoint.restore
-def spy_save(mngr, step, params, opt_state, meta):
-  spied.setdefault("saved", {})[step] = layout(params)
-  if args.get("dump_saved_at") == step:
-    dump(params, args["dump_to"])
-  save(mngr, step, params, opt_state, meta)
-def spy_restore(mngr, step, abstract):
-  got = restore(mngr, step, abstract)
-  if "params" not in got:  # only the metadata
-    return got
-  spied["restored"] = layout(got["params"])
-  if args.get("dump_restored_to"):
-    dump(got["params"], args["dump_restored_to"])
-  return got
-checkpoint.save, checkpoint.restore = spy_save, spy_restore
-
-def config(overrides):
-  c = tiny.get_config()
-  for key, value in overrides.items():
-    *path, last = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[last] = tuple(value) if isinstance(value, list) else value
-  return c
-
-out["runs"] = []
-for overrides in args.get("runs", []):
-  spied.clear()
-  s = training.train(config(overrides), log=lambda *a: print(*a, file=sys.stderr))
-  out["runs"].append({"train": s.train_losses, "val": s.val_losses, **spied})
-
-if args.get("hlo"):  # the compiled step training runs: does any device hold the whole batch?
-  from minigpt_jax.model import ModelConfig
-  from minigpt_jax.tokenizer import CharTokenizer
-  c = config(args["hlo"])
-  cfg = ModelConfig.from_config(c.model, CharTokenizer().vocab_size)
-  mesh = sharding.make_mesh(c.mesh)
-  tx, abstract, sh = training.state_layout(c, cfg, mesh)
-  step = training.jit_train_step(c, cfg, mesh, tx, sh, c.train.batch_size)
-  corpus = jax.ShapeDtypeStruct((10_000,), np.uint8, sharding=sharding.replicated(mesh))
-  out["hlo"] = step.lower(abstract, corpus).compile().as_text()
-
-if args.get("inference"):  # a checkpoint loaded onto one device, and sampled from
-  from minigpt_jax.generate import generate_text
-  from minigpt_jax.sampling import SamplingConfig
-  inf = args["inference"]
-  params, cfg, tok, _, step, _ = checkpoint.load_for_inference(inf["path"], inf["step"])
-  dump(params, inf["dump_to"])
-  saved = dict(np.load(inf["compare_with"]))
-  like_saved = jax.tree_util.tree_map_with_path(
-      lambda p, _: saved[jax.tree_util.keystr(p)], params)
-  kw = dict(max_new_tokens=12, sampling=SamplingConfig(temperature=1.0, top_k=0, top_p=1.0),
-            seed=3, stop_at_eos=False)
-  out["inference"] = {"step": step, "devices": [str(d) for d in params["lm_head"]["kernel"].devices()],
-                      "text": generate_text(params, cfg, tok, ["def "], **kw)[0],
-                      "text_from_saved": generate_text(like_saved, cfg, tok, ["def "], **kw)[0]}
-
-if args.get("distributed"):
-  out.update(process=jax.process_index(), processes=jax.process_count(), devices=jax.device_count())
-print("RESULT " + json.dumps(out), flush=True)
-jax.distributed.shutdown()  # a no-op in a single process
-'''
 
 
 def _env(n_devices: int) -> dict:
@@ -120,7 +35,8 @@ def _env(n_devices: int) -> dict:
 def _start(n_devices: int, args: dict) -> subprocess.Popen:
   """Starts a child; its output goes to files, so a chatty child never blocks on a full pipe."""
   out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-  p = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=REPO,
+  p = subprocess.Popen([sys.executable, str(REPO / "tests" / "distributed_child.py"),
+                        json.dumps(args)], cwd=REPO,
                        env=_env(n_devices), stdout=out, stderr=err, text=True)
   p.out, p.err = out, err
   return p
@@ -237,6 +153,13 @@ def test_batch_is_never_whole_on_one_device(runs):
   corpus inside the step: the compiled step holds [2, T+1] windows, never [8, T+1]
   (T+1 = 33 for tiny). Without the step's sharding constraint every device builds all 8."""
   shapes = set(re.findall(r"s32\[(\d+),33\]", runs["four"]["hlo"]))
+  assert shapes == {"2"}
+
+
+def test_periodic_eval_splits_its_windows_over_the_devices(runs):
+  """The eval step compiled for training's mesh scores [2, T+1] windows on each of 4
+  devices, never all 8 (without its sharding constraint every device scores all 8)."""
+  shapes = set(re.findall(r"s32\[(\d+),33\]", runs["four"]["eval_hlo"]))
   assert shapes == {"2"}
 
 

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_module, tiny_config_in
-from minigpt_jax import data, evaluate, plot, syntax, training
+from helpers import REPO, model_config, run_module, tiny_config_in
+from minigpt_jax import curves, data, scoring, syntax, train_loop
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import ModelConfig, init_params
+from minigpt_jax.model import init_params
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
 
 tok = CharTokenizer()
@@ -20,12 +20,11 @@ TIMING_KEYS = ("loss_seconds", "syntax_seconds")
 
 def test_uniform_model_scores_ln_vocab_nats_and_log2_vocab_bits():
   """A zero LM head predicts every character with probability 1/V: ln V nats, log2 V bits."""
-  cfg = ModelConfig(vocab_size=99, context_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
-                    vocab_pad_multiple=1)
+  cfg = model_config(context_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
   params = init_params(cfg, jax.random.key(0))
   params = {**params, "lm_head": {"kernel": np.zeros_like(params["lm_head"]["kernel"])}}
   ids = tok.encode("def f(x):\n    return x + 1\n" * 3)  # 81 chars: 5 full windows and a part
-  r = evaluate.split_loss(params, cfg, ids, batch_size=4)
+  r = scoring.split_loss(params, cfg, ids, batch_size=4)
   assert r["chars"] == ids.size - 1  # every character but the first is predicted once
   assert r["nats_per_char"] == pytest.approx(math.log(99), rel=1e-6)
   assert r["bits_per_char"] == pytest.approx(math.log2(99), rel=1e-6)
@@ -40,21 +39,21 @@ def test_encode_folder_matches_the_corpus_rules(tmp_path):
   (tmp_path / "b" / "empty.py").write_text("")
   (tmp_path / "b" / "notes.txt").write_text("not python\n")
   (tmp_path / "__pycache__" / "d.py").write_text("skipped = True\n")
-  ids, n_files = evaluate.encode_folder(str(tmp_path), tok)
+  ids, n_files = scoring.encode_folder(str(tmp_path), tok)
   want = np.concatenate([tok.encode("x = ''\ny = 2\n"), [EOS_ID], tok.encode("z = 3\n"), [EOS_ID]])
   np.testing.assert_array_equal(ids, want)
   assert n_files == 2
   # The run's per-file limit applies as when the corpus was built: a.py (13 chars) goes.
-  ids, n_files = evaluate.encode_folder(str(tmp_path), tok, max_file_chars=10)
+  ids, n_files = scoring.encode_folder(str(tmp_path), tok, max_file_chars=10)
   np.testing.assert_array_equal(ids, np.concatenate([tok.encode("z = 3\n"), [EOS_ID]]))
   assert n_files == 1
 
 
 def test_encode_folder_refuses_missing_or_empty_folders(tmp_path):
   with pytest.raises(UserError, match="not a directory"):
-    evaluate.encode_folder(str(tmp_path / "nope"), tok)
+    scoring.encode_folder(str(tmp_path / "nope"), tok)
   with pytest.raises(UserError, match="no non-empty .py files"):
-    evaluate.encode_folder(str(tmp_path), tok)
+    scoring.encode_folder(str(tmp_path), tok)
 
 
 # --- the syntax cutter --------------------------------------------------------------------------
@@ -126,7 +125,7 @@ def trained_run(tmp_path_factory, corpus_dir):
   c = tiny_config_in(root, corpus_dir)
   c.train.steps = c.train.eval_every = c.train.ckpt_every = 10
   c.sample.num_samples = 0
-  summary = training.train(c, log=lambda *_: None)
+  summary = train_loop.train(c, log=lambda *_: None)
   val = np.fromfile(root / "data" / "tiny" / "val.bin", np.uint8)
   return summary.run_dir, val
 
@@ -137,7 +136,7 @@ EVAL_ARGS = dict(num_samples=5, max_new_tokens=20, seed=3)
 @pytest.fixture(scope="module")
 def evaluated(trained_run, corpus_dir):
   run_dir, _ = trained_run
-  return evaluate.evaluate_checkpoint(str(run_dir), extra_corpora=[str(corpus_dir / "pkg1")],
+  return scoring.evaluate_checkpoint(str(run_dir), extra_corpora=[str(corpus_dir / "pkg1")],
                                       log=lambda *_: None, **EVAL_ARGS)
 
 
@@ -147,7 +146,7 @@ def _without_timings(out: dict) -> dict:
 
 def test_evaluation_is_deterministic_and_covers_the_whole_split(trained_run, evaluated, corpus_dir):
   run_dir, val = trained_run
-  again = evaluate.evaluate_checkpoint(str(run_dir / "ckpt" / "10"),
+  again = scoring.evaluate_checkpoint(str(run_dir / "ckpt" / "10"),
                                        extra_corpora=[str(corpus_dir / "pkg1")],
                                        log=lambda *_: None, **EVAL_ARGS)
   assert _without_timings(again) == _without_timings(evaluated)
@@ -181,8 +180,8 @@ def test_cli_writes_the_same_report_as_the_library(trained_run, evaluated, corpu
 
 def test_the_plot_reads_evaluates_report(evaluated, tmp_path):
   """plot.py parses evaluate's JSON by key: a renamed key must fail here, not empty the plot."""
-  evaluate.write_report(evaluated, tmp_path / f"eval_step{evaluated['step']}.json")
-  assert plot._full_evals(tmp_path) == [{"step": 10, "val_loss": evaluated["val"]["nats_per_char"],
+  scoring.write_report(evaluated, tmp_path / f"eval_step{evaluated['step']}.json")
+  assert curves._full_evals(tmp_path) == [{"step": 10, "val_loss": evaluated["val"]["nats_per_char"],
                                         "syntax_rate": evaluated["syntax"]["rate"]}]
 
 
@@ -191,11 +190,11 @@ def test_a_corpus_rebuilt_since_training_is_refused(tmp_path, corpus_dir):
   c = tiny_config_in(tmp_path, corpus_dir)
   c.train.steps = c.train.eval_every = c.train.ckpt_every = 5
   c.sample.num_samples = 0
-  run_dir = training.train(c, log=lambda *_: None).run_dir
+  run_dir = train_loop.train(c, log=lambda *_: None).run_dir
   c.data.val_fraction, c.data.rebuild = 0.5, True  # another run's settings, same data.name
   data.load_corpus(c.data, tok, log=lambda *_: None)
   with pytest.raises(UserError, match="is not the corpus step 5 was trained on"):
-    evaluate.evaluate_checkpoint(str(run_dir), num_samples=0, log=lambda *_: None)
+    scoring.evaluate_checkpoint(str(run_dir), num_samples=0, log=lambda *_: None)
 
 
 def test_cli_missing_extra_corpus_is_a_one_line_error(trained_run, tmp_path):

@@ -1,16 +1,18 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minigpt_jax import generate
+from helpers import model_config
+from minigpt_jax import generate, prompts
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig, init_params
-from minigpt_jax.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
+from minigpt_jax.generate import SamplingConfig, sample, top_k_filter, top_p_filter
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer, TokenizerError
 
-CFG = ModelConfig(vocab_size=99, context_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                  vocab_pad_multiple=1)
+CFG = model_config(context_len=64)
 PARAMS = init_params(CFG, jax.random.key(0))
 GREEDY = SamplingConfig(greedy=True)
 tok = CharTokenizer()
@@ -24,9 +26,9 @@ def _random_prompt(n, seed):
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])  # bf16: measured max |diff| 2e-3 on logits of ~0.5
 def test_cached_logits_equal_full_forward(prompt_len, dtype, tol):
   """Prefill + N decode steps give the logits of the full forward pass over the same tokens."""
-  cfg = ModelConfig(**{**CFG.__dict__, "compute_dtype": dtype})
+  cfg = dataclasses.replace(CFG, compute_dtype=dtype)
   steps = 64 - prompt_len - 1 - 2  # within 3 slots of the context limit
-  tokens_BP, start_B = generate.pad_prompts([_random_prompt(prompt_len, prompt_len)], steps,
+  tokens_BP, start_B = prompts.pad_prompts([_random_prompt(prompt_len, prompt_len)], steps,
                                             cfg.context_len)
   P = tokens_BP.shape[1]
   follow = np.asarray(jax.random.randint(jax.random.key(9), (1, steps), 2, 99))
@@ -109,7 +111,7 @@ def test_segmented_decode_equals_uncached(segment):
 def test_decode_makes_one_model_call_per_token_after_the_first():
   """N new tokens: the first comes from the prefill logits, then N - 1 calls, each writing
   one cache slot; no call is spent after the last token."""
-  tokens_BP, start_B = generate.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
+  tokens_BP, start_B = prompts.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
   P = tokens_BP.shape[1]
   cache = KVCache.init(CFG, 1, P, start_B)
   logits_BV, cache = generate.prefill_jit(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
@@ -126,7 +128,7 @@ def test_decode_makes_one_model_call_per_token_after_the_first():
 
 def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():
   cache = KVCache.init(CFG, 2, 5)
-  cache = cache.replace(k_LBHSK=cache.k_LBHSK + 1.0, index=jnp.int32(5))
+  cache = cache.replace(k_LBHSK=cache.k_LBHSK + 1.0, end_L=jnp.full((CFG.n_layers,), 5, jnp.int32))
   grown = cache.grow(9)
   assert grown.slots == 9 and int(grown.index) == 5
   np.testing.assert_array_equal(grown.k_LBHSK[:, :, :, :5], cache.k_LBHSK)
@@ -137,7 +139,7 @@ def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():
 
 def test_bfloat16_generation_cached_equals_uncached():
   """The 16-bit path (parameters cast once before decoding) is consistent too."""
-  cfg = ModelConfig(**{**CFG.__dict__, "compute_dtype": "bfloat16"})
+  cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
   prompts = [_random_prompt(n, 50 + n) for n in (2, 11)]
   a = generate.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
                                stop_at_eos=False)
@@ -190,17 +192,22 @@ def test_generation_stops_at_eos():
 
 
 def test_prompt_buckets_limit_retracing():
-  assert [generate.bucket(n, 512) for n in (1, 16, 17, 100, 300)] == [16, 16, 32, 128, 512]
-  assert generate.bucket(300, 400) == 400
-  tokens, start = generate.pad_prompts([np.array([5, 6]), np.array([7])], 10, 64)
+  assert [prompts.bucket(n, 512) for n in (1, 16, 17, 100, 300)] == [16, 16, 32, 128, 512]
+  assert prompts.bucket(300, 400) == 400
+  tokens, start = prompts.pad_prompts([np.array([5, 6]), np.array([7])], 10, 64)
   np.testing.assert_array_equal(start, [13, 14])
   np.testing.assert_array_equal(tokens[0, 13:], [1, 5, 6])
   assert (tokens[0, :13] == 0).all()
 
 
+def test_no_prompt_is_a_clear_error():
+  with pytest.raises(UserError, match="no prompt to continue"):
+    prompts.pad_prompts([], 10, 64)
+
+
 def test_prompt_over_the_context_is_a_clear_error():
   with pytest.raises(UserError, match="exceed the context length 64"):
-    generate.pad_prompts([np.zeros(40, np.int32)], 30, 64)
+    prompts.pad_prompts([np.zeros(40, np.int32)], 30, 64)
   with pytest.raises(TokenizerError, match="'é' at 2"):
     generate.generate_text(PARAMS, CFG, tok, ["a é"], max_new_tokens=4, sampling=GREEDY)
 

@@ -1,19 +1,22 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import SMALL_MODEL
+from minigpt_jax import hardware
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention,
                                SingleHeadAttention, flops_per_token, init_params, param_count)
 
-SMALL = ModelConfig(vocab_size=99, context_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                    vocab_pad_multiple=1)
+SMALL = SMALL_MODEL
 
 
 def test_full_config_parameter_count_without_allocating():
-  cfg = ModelConfig.from_config(base_config().model, vocab_size=99, platform="cpu")
+  cfg = hardware.resolve(ModelConfig.from_section(base_config().model, 99), "cpu")
   shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
   D, F, L, T, V, Vp = 512, 2048, 8, 512, 99, 128
   per_layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * F + F) + (F * D + D)
@@ -24,7 +27,7 @@ def test_full_config_parameter_count_without_allocating():
 
 
 def test_flops_per_token_full_config():
-  cfg = ModelConfig(vocab_size=99)
+  cfg = ModelConfig.from_section(base_config().model, 99)
   matmul = 8 * (4 * 512 * 512 + 2 * 512 * 2048) + 512 * 128
   assert flops_per_token(cfg) == 6 * matmul + 12 * 8 * 512 * 512
   assert flops_per_token(cfg) == pytest.approx(176e6, rel=0.01)
@@ -35,14 +38,14 @@ def test_output_shapes_and_float32_logits():
   tokens = jnp.zeros((3, 20), jnp.int32)
   logits, cache = MiniGPT(SMALL).apply({"params": params}, tokens)
   assert logits.shape == (3, 20, 99) and logits.dtype == jnp.float32 and cache is None
-  bf16 = ModelConfig(**{**SMALL.__dict__, "compute_dtype": "bfloat16"})
+  bf16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
   logits16, _ = MiniGPT(bf16).apply({"params": params}, tokens)
   assert logits16.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
 def test_padded_vocab_is_sliced_off():
-  cfg = ModelConfig(**{**SMALL.__dict__, "vocab_pad_multiple": 128})
+  cfg = dataclasses.replace(SMALL, vocab_pad_multiple=128)
   params = init_params(cfg, jax.random.key(0))
   assert params["lm_head"]["kernel"].shape == (32, 128)
   logits, _ = MiniGPT(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
@@ -95,34 +98,85 @@ def test_shape_checks_name_the_layer():
   x = jnp.zeros((2, 5, 16))
   with pytest.raises(ValueError, match=r"MultiHeadAttention: x has shape \(2, 5, 16\), expected \(\?, \?, 32\)"):
     MultiHeadAttention(SMALL).init(jax.random.key(0), x)
-  wrong = KVCache.init(ModelConfig(**{**SMALL.__dict__, "n_heads": 2}), 1, 8)
+  wrong = KVCache.init(dataclasses.replace(SMALL, n_heads=2), 1, 8)
   with pytest.raises(ValueError, match="cached keys has shape"):
     MiniGPT(SMALL).apply({"params": params}, jnp.zeros((1, 3), jnp.int32), cache=wrong)
 
 
+FULL = ModelConfig.from_section(base_config().model, 99)  # "auto" compute and attention
+
+
 def test_auto_resolution(monkeypatch):
-  from minigpt_jax import model
-  m = base_config().model
-  cpu = ModelConfig.from_config(m, 99, platform="cpu")
+  cpu = hardware.resolve(FULL, platform="cpu")
   assert (cpu.compute_dtype, cpu.attention_impl) == ("float32", "xla")
-  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: True)
-  gpu = ModelConfig.from_config(m, 99, platform="gpu")
+  monkeypatch.setattr(hardware, "cudnn_attention_works", lambda *shape: True)
+  gpu = hardware.resolve(FULL, platform="gpu")
   assert (gpu.compute_dtype, gpu.attention_impl) == ("bfloat16", "cudnn")
-  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: False)
-  assert ModelConfig.from_config(m, 99, platform="gpu").attention_impl == "xla"
+  monkeypatch.setattr(hardware, "cudnn_attention_works", lambda *shape: False)
+  assert hardware.resolve(FULL, platform="gpu").attention_impl == "xla"
 
 
 def test_explicit_cudnn_attention_where_it_cannot_run_is_a_clear_error(monkeypatch):
-  from minigpt_jax import model
-  m = base_config().model
-  m.attention_impl = "cudnn"
+  cudnn = dataclasses.replace(FULL, attention_impl="cudnn")
   with pytest.raises(UserError, match="needs an NVIDIA GPU.*here: cpu, float32"):
-    ModelConfig.from_config(m, 99, platform="cpu")
-  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: False)
+    hardware.resolve(cudnn, platform="cpu")
+  monkeypatch.setattr(hardware, "cudnn_attention_works", lambda *shape: False)
   with pytest.raises(UserError, match="here: gpu, bfloat16"):
-    ModelConfig.from_config(m, 99, platform="gpu")
-  monkeypatch.setattr(model, "_cudnn_attention_works", lambda dtype: True)
-  assert ModelConfig.from_config(m, 99, platform="gpu").attention_impl == "cudnn"
-  m.compute_dtype = "float32"
+    hardware.resolve(cudnn, platform="gpu")
+  monkeypatch.setattr(hardware, "cudnn_attention_works", lambda *shape: True)
+  assert hardware.resolve(cudnn, platform="gpu").attention_impl == "cudnn"
   with pytest.raises(UserError, match="here: gpu, float32"):
-    ModelConfig.from_config(m, 99, platform="gpu")
+    hardware.resolve(dataclasses.replace(cudnn, compute_dtype="float32"), platform="gpu")
+
+
+def test_the_cudnn_probe_runs_the_models_own_shape(monkeypatch):
+  """A fixed probe shape could pass where the model's head width or length cannot run."""
+  seen = []
+
+  def attention(q, k, v, is_causal, implementation):
+    seen.append((q.shape, q.dtype, is_causal, implementation))
+    return q
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", attention)
+  hardware.cudnn_attention_works.cache_clear()
+  cfg = dataclasses.replace(FULL, context_len=256, n_heads=4)  # head width 128
+  assert hardware.resolve(cfg, platform="gpu").attention_impl == "cudnn"
+  hardware.cudnn_attention_works.cache_clear()
+  assert seen == [((1, 256, 4, 128), jnp.bfloat16, True, "cudnn")]
+
+
+def test_bad_model_settings_name_the_field():
+  for field, value, message in [("vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a "
+                                 "positive integer, got 0"),
+                                ("n_heads", 3, "model.d_model 32 is not divisible by model.n_heads 3"),
+                                ("d_ff", None, "model.d_ff must be a positive integer, got None"),
+                                ("compute_dtype", "int8", "model.compute_dtype must be")]:
+    with pytest.raises(UserError, match=message):
+      dataclasses.replace(SMALL, **{field: value})
+  with pytest.raises(UserError, match="unknown or missing fields: d_model"):
+    ModelConfig.from_section({k: v for k, v in base_config().model.items() if k != "d_model"}, 99)
+
+
+def test_bfloat16_compute_keeps_float32_precision_in_the_lm_head():
+  """With 16-bit compute the logits must be the float32 product of the final hidden state
+  and the head, not a bf16 product cast up afterwards (8 bits of mantissa)."""
+  params = init_params(SMALL, jax.random.key(0))
+  bf16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 99)
+  (logits, _), state = MiniGPT(bf16).apply({"params": params}, tokens,
+                                           capture_intermediates=True)
+  hidden = state["intermediates"]["ln_f"]["__call__"][0]
+  assert hidden.dtype == jnp.bfloat16
+  want = hidden.astype(jnp.float32) @ params["lm_head"]["kernel"]
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cache_longer_than_the_context_is_refused():
+  """Positions past the context would silently reuse the last position embedding."""
+  params = init_params(SMALL, jax.random.key(0))
+  ok = KVCache.init(SMALL, 1, SMALL.context_len)
+  logits, cache = MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32), cache=ok)
+  assert int(cache.index) == 4 and np.isfinite(logits).all()
+  with pytest.raises(ValueError, match="cache of 33 slots exceeds the context length 32"):
+    MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32),
+                         cache=KVCache.init(SMALL, 1, SMALL.context_len + 1))

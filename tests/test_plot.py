@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from conftest import run_module
-from minigpt_jax import plot
+from helpers import run_module
+from minigpt_jax import curves
 from minigpt_jax.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,9 +41,9 @@ def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path, caplog):
       {"step": 100, "val": {"nats_per_char": 2.2}, "syntax": {"rate": 0.4}}))
   (run_dir / "eval_stepjunk.json").write_text("{not json")  # skipped with a warning, not fatal
   with caplog.at_level(logging.WARNING):
-    assert [r["step"] for r in plot._full_evals(run_dir)] == [100]
+    assert [r["step"] for r in curves._full_evals(run_dir)] == [100]
   assert "skipping" in caplog.text and "eval_stepjunk.json" in caplog.text
-  out = plot.plot_run(run_dir, tmp_path / "sub" / "c.png")
+  out = curves.plot_run(run_dir, tmp_path / "sub" / "c.png")
   assert out == tmp_path / "sub" / "c.png"
   assert out.read_bytes().startswith(PNG_MAGIC)
   assert not (run_dir / "curves.png").exists()
@@ -51,7 +51,7 @@ def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path, caplog):
 
 def test_missing_metrics_is_a_one_line_error(tmp_path):
   with pytest.raises(UserError, match="metrics.jsonl does not exist"):
-    plot.plot_run(tmp_path)
+    curves.plot_run(tmp_path)
   r = run_module("minigpt_jax.plot", str(tmp_path / "nowhere"))
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
@@ -61,12 +61,12 @@ def test_missing_metrics_is_a_one_line_error(tmp_path):
 def test_empty_metrics_is_an_error(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("\n")
   with pytest.raises(UserError, match="no train or eval records"):
-    plot.plot_run(tmp_path)
+    curves.plot_run(tmp_path)
 
 
 def test_missing_matplotlib_gives_the_install_hint(tmp_path, monkeypatch):
   run_dir = _write_run(tmp_path / "run", syntax_rate=False)
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
   with pytest.raises(UserError, match=r"pip install -e \.\[plot\]"):
-    plot.plot_run(run_dir)
+    curves.plot_run(run_dir)
   assert not (run_dir / "curves.png").exists()

@@ -59,7 +59,7 @@ def test_a_damaged_description_is_refused(damage):
 
 
 def test_room_after_prompt_counts_the_start_marker():
-  from minigpt_jax.tokenizer import room_after_prompt
+  from minigpt_jax.prompts import room_after_prompt
   assert room_after_prompt(0, 512) == 511  # an empty prompt is the marker alone
   assert room_after_prompt(4, 128) == 123  # "def " + marker leave 123 of 128 slots
   assert room_after_prompt(127, 128) == 0

@@ -1,0 +1,245 @@
+"""How good a model is: its loss over a whole split (or any folder of Python), and how
+many of its samples parse; `evaluate_checkpoint` puts both into the evaluate report.
+
+Loss is scored over non-overlapping context windows that cover the text, each starting
+from an empty context, so it is deterministic and comparable across runs with the same
+context length (the sliding-window loss would be lower).
+"""
+
+import functools
+import json
+import math
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minigpt_jax import data, generate, runs, sharding, syntax
+from minigpt_jax.config import base_config
+from minigpt_jax.errors import UserError
+from minigpt_jax.generate import SamplingConfig
+from minigpt_jax.model import ModelConfig
+from minigpt_jax.prompts import room_after_prompt
+from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
+from minigpt_jax.train_step import summed_nats
+
+# Each prompt opens a top-level statement; samples cycle through them.
+PROMPTS = ("def ", "class ", "import ", "for ", "if __name__")
+
+
+# --- loss over a split ----------------------------------------------------------------------
+
+def eval_step(params, split_N: jax.Array, starts_B: jax.Array, *, cfg: ModelConfig,
+              batch_sharding=None):
+  """Summed nats and token count of the windows at `starts_B` (a window past the end scores 0)."""
+  n = split_N.shape[0]
+  idx_BW = starts_B[:, None] + jnp.arange(cfg.context_len + 1)
+  if batch_sharding is not None:  # each device gathers and scores only its own windows
+    idx_BW = jax.lax.with_sharding_constraint(idx_BW, batch_sharding)
+  windows_BW = split_N[jnp.minimum(idx_BW, n - 1)].astype(jnp.int32)
+  weights_BT = (idx_BW[:, 1:] < n).astype(jnp.float32)
+  return summed_nats(params, cfg, windows_BW[:, :-1], windows_BW[:, 1:], weights_BT)
+
+
+def jit_eval_step(cfg: ModelConfig, mesh=None):
+  """`eval_step` jitted; on a mesh, the windows are split over its devices like a batch."""
+  if mesh is None:
+    return jax.jit(functools.partial(eval_step, cfg=cfg))
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+  return jax.jit(functools.partial(eval_step, cfg=cfg, batch_sharding=batch_sh))
+
+
+def evaluate_split(eval_fn, params, split_N: jax.Array, context_len: int, batch_size: int,
+                   max_windows=None) -> tuple[float, int]:
+  """Mean nats per token over non-overlapping windows of a split (all of it by default).
+
+  Deterministic: the windows depend only on the split's length. Returns (nats, tokens).
+  """
+  starts = data.eval_windows(split_N.shape[0], context_len, max_windows)
+  pad = -starts.size % batch_size
+  starts = np.concatenate([starts, np.full(pad, split_N.shape[0], starts.dtype)])
+  sums = [eval_fn(params, split_N, jnp.asarray(starts[i:i + batch_size], jnp.int32))
+          for i in range(0, starts.size, batch_size)]  # dispatched without waiting
+  total, count = np.asarray(jax.device_get(sums), np.float64).sum(axis=0)
+  return float(total) / max(float(count), 1.0), int(count)
+
+
+def split_loss(params, cfg: ModelConfig, ids_N: np.ndarray, batch_size: int) -> dict:
+  """Loss over all of `ids_N` (every token but the first is predicted once).
+
+  Returns {"nats_per_char", "bits_per_char", "chars": tokens scored}.
+  """
+  if ids_N.size < 2:
+    raise UserError(f"cannot score {ids_N.size} token(s): at least 2 are needed")
+  nats, count = evaluate_split(jit_eval_step(cfg), params, jnp.asarray(ids_N), cfg.context_len,
+                               batch_size, max_windows=None)
+  return {"nats_per_char": nats, "bits_per_char": nats / math.log(2), "chars": count}
+
+
+def encode_folder(folder: str, tok: CharTokenizer,
+                  max_file_chars: int = 0) -> tuple[np.ndarray, int]:
+  """Encodes the .py files under `folder` as `data.build_corpus` does, writing nothing.
+
+  Files are walked in sorted order (skipping `data.SKIP_DIRS`), each taken or left out by
+  `data.encode_file` (pass the run's `data.max_file_chars`), and each followed by `<eos>`.
+  Returns (uint8 ids, number of files).
+  """
+  root = pathlib.Path(folder).expanduser()
+  if not root.is_dir():
+    raise UserError(f"--extra_corpus {folder!r} is not a directory")
+  parts, n_files = [], 0
+  for path in data.python_files(root):
+    ids, _, _, skip = data.encode_file(path, tok, max_file_chars)
+    if not skip:
+      parts += [ids, np.array([EOS_ID], np.uint8)]
+      n_files += 1
+  if not parts:
+    raise UserError(f"--extra_corpus {folder!r} holds no non-empty .py files")
+  return np.concatenate(parts), n_files
+
+
+# --- samples that parse --------------------------------------------------------------------
+
+def default_sampling() -> SamplingConfig:
+  """The documented default for every command: `config.sample`'s temperature and top-p."""
+  s = base_config().sample
+  return SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+
+def sample_validity(params, cfg, tok, prompts: list[str], *, max_new_tokens: int, sampling,
+                    seed: int = 0) -> dict:
+  """Continues each prompt once and checks the syntax of prompt + continuation.
+
+  A sample that stopped at `<eos>` (end of file) may keep its last line; one
+  that ran into `max_new_tokens` keeps only statements followed by another
+  top-level line. Returns `validity`'s dict plus "samples": [{"text",
+  "kept_chars", "ended_at_eos"}].
+  """
+  new_BG = generate.generate_tokens(params, cfg, [tok.encode(p) for p in prompts],
+                                    max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+  texts = [p + tok.decode(row, stop_at_eos=True) for p, row in zip(prompts, new_BG)]
+  truncated = [not (row == EOS_ID).any() for row in new_BG]
+  result = syntax.validity(texts, truncated)
+  kept = result.pop("kept_chars")
+  result["samples"] = [{"text": t, "kept_chars": k, "ended_at_eos": not tr}
+                       for t, k, tr in zip(texts, kept, truncated)]
+  return result
+
+
+def syntax_validity(params, cfg: ModelConfig, tok: CharTokenizer, num_samples: int,
+                    max_new_tokens: int, seed: int = 0,
+                    sampling: SamplingConfig | None = None) -> dict:
+  """Samples `num_samples` continuations of `PROMPTS` (in turn) and checks their syntax.
+
+  Returns `sample_validity`'s dict plus "by_prompt" rates.
+  """
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_samples)]
+  result = sample_validity(params, cfg, tok, prompts, max_new_tokens=max_new_tokens,
+                           sampling=sampling or default_sampling(), seed=seed)
+  result["by_prompt"] = {}
+  for p in PROMPTS:
+    rows = [s["kept_chars"] for q, s in zip(prompts, result["samples"]) if q == p]
+    if rows:
+      result["by_prompt"][p] = {"n": len(rows), "rate": sum(k > 0 for k in rows) / len(rows)}
+  return result
+
+
+# --- the evaluate report --------------------------------------------------------------------
+
+def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
+                        num_samples: int = 64, max_new_tokens: int = 256,
+                        batch_size: int | None = None, seed: int = 0,
+                        compute_dtype: str | None = None, log=print) -> dict:
+  """Loads a checkpoint and measures it. Returns the report `write_report` saves.
+
+  Args:
+    path: a run directory (latest step) or its ckpt/<step> folder.
+    step: checkpoint step, overriding the one `path` names.
+    extra_corpora: folders of .py files, each scored like the validation split.
+    num_samples: samples for the syntax check (0 skips it).
+    max_new_tokens: characters per sample, lowered to fit the context if needed.
+    batch_size: windows per evaluation batch (default: the run's train.batch_size).
+    seed: sampling seed.
+    compute_dtype: "float32" or "bfloat16" (default: "auto" as in training, resolved here).
+  """
+  if num_samples < 0 or max_new_tokens < 1:
+    raise UserError("num_samples must be >= 0 and max_new_tokens >= 1")
+  for folder in extra_corpora:  # before the slow part
+    if not pathlib.Path(folder).expanduser().is_dir():
+      raise UserError(f"--extra_corpus {folder!r} is not a directory")
+  run = runs.load_for_inference(path, step, compute_dtype)
+  cfg, data_cfg = run.model_cfg, run.config.data
+  batch_size = batch_size or run.config.train.batch_size
+  corpora = {folder: encode_folder(folder, run.tokenizer, data_cfg.max_file_chars)
+             for folder in extra_corpora}
+
+  t0 = time.perf_counter()
+  splits, manifest = data.load_corpus(data_cfg, run.tokenizer, log=log, build=False)
+  corpus = pathlib.Path(data_cfg.dir) / data_cfg.name
+  if runs.trained_on(run.run_dir, run.step)[1] != manifest["splits"]["train"]["sha256"]:
+    raise UserError(f"{corpus} is not the corpus step {run.step} was trained on (rebuilt "
+                    "since?): its val split may hold text the model trained on. Only the same "
+                    f"sources with the data settings in {run.run_dir / 'config.json'} rebuild it")
+  out = {"run_dir": str(run.run_dir), "step": run.step, "batch_size": batch_size,
+         "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype,
+         "attention_impl": cfg.attention_impl,
+         "val": {"corpus": str(corpus), **split_loss(run.params, cfg, splits["val"], batch_size)},
+         "extra_corpora": {folder: {"files": n_files, **split_loss(run.params, cfg, ids, batch_size)}
+                           for folder, (ids, n_files) in corpora.items()},
+         "loss_seconds": time.perf_counter() - t0}
+  if num_samples:
+    t0 = time.perf_counter()
+    out["syntax"] = syntax_report(run, num_samples, max_new_tokens, seed, log)
+    out["syntax_seconds"] = time.perf_counter() - t0
+  return out
+
+
+def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int, seed: int,
+                  log=print) -> dict:
+  """The report's "syntax" section: `syntax_validity` with its settings."""
+  cfg = run.model_cfg
+  fit = room_after_prompt(max(len(p) for p in PROMPTS), cfg.context_len)
+  if fit < 1:
+    raise UserError(f"context length {cfg.context_len} leaves no room to sample after "
+                    f"the prompts {PROMPTS}")
+  if max_new_tokens > fit:
+    log(f"max_new_tokens {max_new_tokens} lowered to {fit} to fit the context")
+  sampling = default_sampling()
+  return {"prompts": list(PROMPTS), "seed": seed, "max_new_tokens": min(max_new_tokens, fit),
+          "temperature": sampling.temperature, "top_p": sampling.top_p,
+          **syntax_validity(run.params, cfg, run.tokenizer, num_samples,
+                            min(max_new_tokens, fit), seed, sampling)}
+
+
+def format_report(out: dict) -> str:
+  """A plain-text table of `evaluate_checkpoint`'s result."""
+  rows = [("val (" + out["val"]["corpus"] + ")", out["val"])]
+  rows += [(folder, r) for folder, r in out["extra_corpora"].items()]
+  width = max(len(name) for name, _ in rows)
+  lines = [f"{out['run_dir']} at step {out['step']}", "",
+           f"{'corpus':<{width}}  {'chars':>12}  {'nats/char':>9}  {'bits/char':>9}"]
+  for name, r in rows:
+    lines.append(f"{name:<{width}}  {r['chars']:>12,}  {r['nats_per_char']:>9.4f}  "
+                 f"{r['bits_per_char']:>9.4f}")
+  s = out.get("syntax")
+  if s:
+    lines += ["", f"syntax validity: {s['valid']}/{s['n']} = {s['rate']:.1%} of samples parse "
+                  f"(up to {s['max_new_tokens']} new chars, T={s['temperature']}, "
+                  f"top_p={s['top_p']}, seed {s['seed']})",
+              f"  kept per sample: {s['mean_kept_chars']:.1f} chars, "
+              f"{s['mean_kept_fraction']:.1%} of the sample"]
+    for p, r in s["by_prompt"].items():
+      lines.append(f"  {p!r:<14} {r['rate']:>6.1%} of {r['n']}")
+  return "\n".join(lines)
+
+
+def write_report(out: dict, json_out: str | None = None) -> pathlib.Path:
+  """Writes the result as JSON (default: <run_dir>/eval_step<step>.json)."""
+  path = pathlib.Path(json_out or pathlib.Path(out["run_dir"]) / f"eval_step{out['step']}.json")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1))
+  return path
+
+

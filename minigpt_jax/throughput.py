@@ -1,0 +1,269 @@
+"""Throughput of the training step and of cached vs uncached decoding (`bench` runs it).
+
+Needs no corpus: training reads random token ids through the real `train_step`, jitted
+with the shardings and donation training uses. Decoding starts from an
+empty prompt (only the start marker) and is greedy, with no early stop at `<eos>`.
+Every figure is the median of `repeats` timed runs after a warm-up; a table goes to
+stderr and one JSON object to stdout (and to --json_out).
+"""
+
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import flax
+import jax
+import jaxlib
+import numpy as np
+import optax
+
+from minigpt_jax import generate, hardware, sharding, train_step
+from minigpt_jax.errors import UserError
+from minigpt_jax.generate import SamplingConfig
+from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
+from minigpt_jax.prompts import room_after_prompt
+from minigpt_jax.tokenizer import CharTokenizer
+
+SCHEMA = "minigpt_jax.bench/1"
+DATA_TOKENS = 4 << 20  # random ids the training step samples its windows from
+GREEDY = SamplingConfig(greedy=True)
+
+
+def parse_sizes(items, name: str) -> list[int]:
+  """Positive ints from a flag's list of strings (`None` stays `None`)."""
+  if items is None:
+    return None
+  try:
+    sizes = [int(s) for s in items if str(s).strip()]
+  except ValueError:
+    raise UserError(f"--{name} must be comma-separated integers, got {','.join(items)!r}")
+  if any(s < 1 for s in sizes):
+    raise UserError(f"--{name} must be positive, got {sizes}")
+  return sizes
+
+
+def timed_repeats(fn: Callable[[], None], repeats: int,
+                  clock: Callable[[], float] = time.perf_counter) -> list[float]:
+  """Wall seconds of `repeats` calls of `fn` (which must block until its work is done)."""
+  seconds = []
+  for _ in range(repeats):
+    t0 = clock()
+    fn()
+    seconds.append(clock() - t0)
+  return seconds
+
+
+def rate(count: float, seconds: list[float]) -> tuple[float, list[float]]:
+  """(count / median seconds, count / seconds of each repeat)."""
+  return count / statistics.median(seconds), [count / s for s in seconds]
+
+
+def tflops_per_s(flops_per_token: float, tokens_per_s: float) -> float:
+  return flops_per_token * tokens_per_s / 1e12
+
+
+def peak_memory_bytes(device=None) -> Optional[int]:
+  """The backend's peak bytes in use so far in this process, or None (CPU reports nothing)."""
+  stats = (device or jax.devices()[0]).memory_stats()
+  return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
+
+
+def compiled_memory(compiled) -> Optional[dict]:
+  """XLA's static buffer sizes for a compiled executable (works on CPU too), or None."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  names = ("argument", "output", "alias", "temp")
+  return None if m is None else {f"{n}_bytes": int(getattr(m, f"{n}_size_in_bytes")) for n in names}
+
+
+def environment() -> dict:
+  dev = jax.devices()[0]
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": dev.platform, "device_kind": dev.device_kind,
+      "device_count": jax.device_count(), "process_count": jax.process_count(),
+      "host_cpus": os.cpu_count(),
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__},
+  }
+
+
+# --- training ------------------------------------------------------------------------------
+
+def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: int, fpt: float,
+                     steps: int, repeats: int, warmup: int):
+  """Times `steps` optimizer steps per repeat. Returns (row, state after the last step)."""
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(state, train_N)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  box = {"state": state, "metrics": None}
+
+  def steps_of(n):
+    for _ in range(n):
+      box["state"], box["metrics"] = compiled(box["state"], train_N)
+    jax.block_until_ready(box["state"])
+
+  steps_of(warmup)
+  seconds = timed_repeats(lambda: steps_of(steps), repeats)
+  tokens = steps * batch_size * context_len
+  tok_s, tok_s_each = rate(tokens, seconds)
+  row = {
+      "batch_size": batch_size, "tokens_per_step": batch_size * context_len,
+      "lower_s": t1 - t0, "compile_s": t2 - t1,
+      "step_s": statistics.median(seconds) / steps,
+      "tokens_per_s": tok_s, "tokens_per_s_repeats": tok_s_each,
+      "tflops_per_s": tflops_per_s(fpt, tok_s), "mfu": hardware.mfu(fpt, tok_s),
+      "peak_memory_bytes": peak_memory_bytes(), "compiled_memory": compiled_memory(compiled),
+      "final_loss": float(box["metrics"]["loss"]),
+  }
+  return row, box["state"]
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cached: bool,
+                 repeats: int, seed: int = 0, segment: int = generate.DECODE_SEGMENT) -> dict:
+  """Greedy generation of `new_tokens` per row from an empty prompt, through the sampler's
+  own `generate.generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
+  empty = [np.zeros((0,), np.int32)] * batch
+  P = generate.pad_prompts(empty, new_tokens, cfg.context_len)[0].shape[1]
+
+  def generate_once():
+    generate.generate_tokens(params, cfg, empty, max_new_tokens=new_tokens, sampling=GREEDY,
+                             seed=seed, use_cache=cached, stop_at_eos=False, segment=segment)
+
+  first = timed_repeats(generate_once, 1)[0]  # compiles
+  seconds = timed_repeats(generate_once, repeats)
+  tok_s, tok_s_each = rate(batch * new_tokens, seconds)
+  return {"mode": "cached" if cached else "uncached", "batch": batch, "new_tokens": new_tokens,
+          "prompt_slots": P, "first_call_s": first, "seconds": statistics.median(seconds),
+          "tokens_per_s": tok_s, "tokens_per_s_repeats": tok_s_each}
+
+
+def decode_plan(batches, tokens: int, uncached_tokens: int, skip_uncached: bool):
+  """(cached, batch, new tokens) to run: cached at both lengths, so every uncached run has a
+  cached twin to compare with."""
+  lengths = sorted({tokens} if skip_uncached else {tokens, uncached_tokens})
+  plan = [(True, b, n) for b in batches for n in lengths]
+  return plan if skip_uncached else plan + [(False, b, uncached_tokens) for b in batches]
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+  """cached / uncached tokens/s for every (batch, new_tokens) measured both ways."""
+  by = {(r["mode"], r["batch"], r["new_tokens"]): r["tokens_per_s"] for r in rows}
+  return [{"batch": b, "new_tokens": n, "cached_over_uncached": by["cached", b, n] / u}
+          for (mode, b, n), u in by.items() if mode == "uncached" and ("cached", b, n) in by]
+
+
+# --- the whole run -------------------------------------------------------------------------
+
+def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8),
+        decode_tokens: int = 0, uncached_tokens: int = 0, skip_uncached: bool = False,
+        decode_segment: Optional[int] = None, train_steps: int = 10, repeats: int = 5,
+        warmup: int = 2, command: str = "",
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+  """Runs the benchmark for `config` and returns the result as a JSON-ready dict.
+
+  Args:
+    batch_sizes: training batch sizes (sequences); None = config.train.batch_size, [] = none.
+    decode_batches: decode batch sizes; [] = no decoding.
+    decode_tokens: new tokens per row; 0 = context_len - 1 (the most an empty prompt allows).
+    uncached_tokens: new tokens for the uncached path (0 = decode_tokens); when it differs,
+      the cached path is measured at this length too, so the speedup compares like with like.
+    decode_segment: the cached decode's cache grows this many slots at a time (0: none;
+      None: as when sampling).
+  """
+  if config.mesh.distributed:
+    raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
+  if min(train_steps, repeats) < 1 or warmup < 0:
+    raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
+  decode_segment = generate.DECODE_SEGMENT if decode_segment is None else decode_segment
+  if decode_segment < 0 or 0 < decode_segment < 16:
+    raise UserError(f"--decode_segment must be 0 (no segments) or >= 16 (each segment "
+                    f"compiles its own loop), got {decode_segment}")
+  cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
+  batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
+  room = room_after_prompt(0, cfg.context_len)  # the prompt is empty
+  decode_tokens = decode_tokens or room
+  uncached_tokens = uncached_tokens or decode_tokens
+  for n in (decode_tokens, uncached_tokens):
+    if not 1 <= n <= room:
+      raise UserError(f"decode tokens must be in [1, {room}] (context_len - 1: "
+                      f"one slot holds the start marker), got {n}")
+  mesh = sharding.make_mesh(config.mesh)
+  for b in batch_sizes:
+    if b % mesh.size:
+      raise UserError(f"batch size {b} is not divisible by the {mesh.size} devices of the mesh")
+
+  fpt = flops_per_token(cfg)
+  tx, abstract, state_sh = train_step.state_layout(config, cfg, mesh)
+  result = {"schema": SCHEMA, "command": command, **environment(),
+            "mesh": dict(mesh.shape), "peak_flops_per_device": hardware.peak_flops(),
+            "model": dataclasses.asdict(cfg), "param_count": param_count(abstract.params),
+            "flops_per_token": fpt, "compute_dtype": cfg.compute_dtype,
+            "attention_impl": cfg.attention_impl}
+  log(f"{result['device_count']} x {result['device_kind']} ({result['platform']}), "
+      f"compute {cfg.compute_dtype}, attention {cfg.attention_impl}")
+
+  rows = []
+  if batch_sizes:  # the train state and the random ids only when training is measured
+    state = train_step.fresh_state(config, cfg, tx, state_sh)
+    rng = np.random.default_rng(config.seed)
+    train_N = sharding.put_replicated(
+        mesh, rng.integers(0, cfg.vocab_size, max(DATA_TOKENS, 2 * cfg.context_len + 2), np.uint8))
+    for b in batch_sizes:
+      log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
+      step_fn = train_step.jit_train_step(config, cfg, mesh, tx, state_sh, b)
+      row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
+                                    context_len=cfg.context_len, fpt=fpt, steps=train_steps,
+                                    repeats=repeats, warmup=warmup)
+      rows.append(row)
+    del state, train_N
+  result["train"] = {"steps_per_repeat": train_steps, "repeats": repeats, "warmup_steps": warmup,
+                     "data": f"{DATA_TOKENS} random token ids", "results": rows}
+
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+  rows = []
+  for cached, b, n in decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached):
+    log(f"decode: {'cached' if cached else 'uncached'}, batch {b}, {n} tokens ...")
+    rows.append(bench_decode(params, cfg, batch=b, new_tokens=n, cached=cached, repeats=repeats,
+                             seed=config.seed, segment=decode_segment))
+  result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
+                      "stop_at_eos": False, "cache_segment": decode_segment,
+                      "repeats": repeats, "results": rows,
+                      "speedups": speedups(rows)}
+  return result
+
+
+def format_table(result: dict) -> str:
+  """A readable summary of `run`'s result."""
+  mib = lambda b: "-" if b is None else f"{b / 2**20:,.0f}"
+  pct = lambda x: "-" if x is None else f"{x:.1%}"
+  lines = [f"{result['device_count']} x {result['device_kind']}, jax {result['versions']['jax']}, "
+           f"{result['param_count']:,} params, {result['flops_per_token'] / 1e6:.1f} MFLOP/token, "
+           f"{result['compute_dtype']}, attention {result['attention_impl']}",
+           f"{'batch':>6} {'compile s':>9} {'step ms':>9} {'tok/s':>12} {'TFLOP/s':>8} "
+           f"{'MFU':>6} {'peak MiB':>9} {'loss':>6}"]
+  for r in result["train"]["results"]:
+    lines.append(f"{r['batch_size']:>6} {r['lower_s'] + r['compile_s']:>9.1f} "
+                 f"{r['step_s'] * 1e3:>9.1f} {r['tokens_per_s']:>12,.0f} "
+                 f"{r['tflops_per_s']:>8.3f} {pct(r['mfu']):>6} "
+                 f"{mib(r['peak_memory_bytes']):>9} {r['final_loss']:>6.3f}")
+  lines.append(f"{'decode':>9} {'batch':>6} {'tokens':>7} {'first s':>8} {'tok/s':>10}")
+  for r in result["decode"]["results"]:
+    lines.append(f"{r['mode']:>9} {r['batch']:>6} {r['new_tokens']:>7} "
+                 f"{r['first_call_s']:>8.1f} {r['tokens_per_s']:>10,.0f}")
+  for s in result["decode"]["speedups"]:
+    lines.append(f"cached/uncached, batch {s['batch']}, {s['new_tokens']} tokens: "
+                 f"{s['cached_over_uncached']:.1f}x")
+  return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""One optimizer step as a pure function, and the state, loss and optimizer it needs.
+
+`train_step(state, train_N) -> (state, metrics)` takes everything as arguments;
+`jit_train_step` wires it to a mesh with shardings and donation.
+"""
+
+import functools
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from minigpt_jax import data, sharding
+from minigpt_jax.model import MiniGPT, ModelConfig, init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def decay_mask(params):
+  """Weight decay on matmul kernels only; not on biases, norms or embeddings."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at train.steps."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, train_cfg.lr, train_cfg.warmup_steps, max(train_cfg.steps, train_cfg.warmup_steps + 1),
+      end_value=train_cfg.lr * train_cfg.min_lr_ratio)
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+
+
+def summed_nats(params, cfg: ModelConfig, inputs_BT, targets_BT, weights_BT):
+  """Cross-entropy summed over the weighted targets (nats), and the sum of the weights:
+  the one loss of training and evaluation."""
+  logits_BTV, _ = MiniGPT(cfg).apply({"params": params}, inputs_BT)
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  return (ce_BT * weights_BT).sum(), weights_BT.sum()
+
+
+def loss_fn(params, cfg: ModelConfig, inputs_BT, targets_BT):
+  """Mean cross-entropy in nats per token."""
+  nats, count = summed_nats(params, cfg, inputs_BT, targets_BT, jnp.ones(targets_BT.shape))
+  return nats / count
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  params = init_params(cfg, key)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
+               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding=None,
+               schedule: Optional[optax.Schedule] = None):
+  """One optimizer step on the batch fixed by (seed, step). Returns (state, metrics);
+  with `schedule` (tx's learning rate), metrics include the rate this step used."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step)
+  inputs_BT, targets_BT = data.get_batch(train_N, key, batch_size, cfg.context_len)
+  if batch_sharding is not None:
+    inputs_BT = jax.lax.with_sharding_constraint(inputs_BT, batch_sharding)
+    targets_BT = jax.lax.with_sharding_constraint(targets_BT, batch_sharding)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # The loss is that of the old parameters; the update norm shows whether the new ones are finite.
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "update_norm": optax.tree.norm(updates)}
+  if schedule is not None:  # computed here, so the host reads it with the other metrics
+    metrics["lr"] = schedule(state.step)
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def state_layout(config, cfg: ModelConfig, mesh):
+  """The optimizer, the abstract train state, and the state's shardings on `mesh`."""
+  tx = make_optimizer(config.train)
+  abstract = jax.eval_shape(lambda k: init_state(cfg, tx, k), jax.random.key(config.seed))
+  state_sh = TrainState(sharding.replicated(mesh), sharding.state_shardings(mesh, abstract.params),
+                        sharding.state_shardings(mesh, abstract.opt_state))
+  return tx, abstract, state_sh
+
+
+def fresh_state(config, cfg: ModelConfig, tx, state_sh) -> TrainState:
+  """A newly initialised train state, created directly in its shardings."""
+  init = jax.jit(lambda k: init_state(cfg, tx, k), out_shardings=state_sh)
+  return init(jax.random.key(config.seed))
+
+
+def jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int):
+  """`train_step` jitted for `mesh`: batch split over all devices, state donated."""
+  batch_sh = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+  return jax.jit(
+      functools.partial(train_step, cfg=cfg, tx=tx, batch_size=batch_size, seed=config.seed,
+                        batch_sharding=batch_sh, schedule=lr_schedule(config.train)),
+      in_shardings=(state_sh, sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
