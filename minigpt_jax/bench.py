@@ -33,6 +33,9 @@ _SKIP_UNCACHED = flags.DEFINE_bool("skip_uncached", False, "Skip the uncached pa
 _DECODE_SEGMENT = flags.DEFINE_integer(
     "decode_segment", None, "The cached decode's cache grows this many slots at a time "
     "(default: as when sampling); 0 = allocated whole at the start (every step reads every slot).")
+_DECODE_UNROLL = flags.DEFINE_integer(
+    "decode_unroll", None, "Decode steps per iteration of the compiled scan loop (default: as "
+    "when sampling).")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed steps per repeat.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; figures are medians.")
@@ -50,6 +53,7 @@ def main(_):
       decode_batches=throughput.parse_sizes(_DECODE_BATCHES.value, "decode_batches"),
       decode_tokens=_DECODE_TOKENS.value, uncached_tokens=_UNCACHED_TOKENS.value,
       skip_uncached=_SKIP_UNCACHED.value, decode_segment=_DECODE_SEGMENT.value,
+      decode_unroll=_DECODE_UNROLL.value,
       train_steps=_TRAIN_STEPS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
       command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
   print(throughput.format_table(result), file=sys.stderr, flush=True)

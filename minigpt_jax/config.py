@@ -65,17 +65,23 @@ def base_config() -> ConfigDict:
   c.sample.top_k = 0  # 0 = off
   c.sample.top_p = 0.95  # 1.0 = off
 
-  c.mesh = ConfigDict()  # device mesh; -1 = all remaining devices
-  c.mesh.data = -1  # data-parallel replicas (devices); the batch is split over data x fsdp
-  c.mesh.fsdp = 1  # devices each large parameter (and its Adam state) is split over
+  c.mesh = mesh_section()
+  return c
+
+
+def mesh_section() -> ConfigDict:
+  """The device mesh; a size of -1 takes all the remaining devices."""
+  m = ConfigDict()
+  m.data = -1  # data-parallel replicas (devices); the batch is split over data x fsdp
+  m.fsdp = 1  # devices each large parameter (and its Adam state) is split over
   # Multi-process (one process per host or per GPU): jax.distributed.initialize().
   # Left empty, each of the three comes from JAX's own detection: Slurm, Open MPI,
   # Cloud TPU, or JAX_COORDINATOR_ADDRESS for the address.
-  c.mesh.distributed = False
-  c.mesh.coordinator_address = ""  # "host:port" of process 0, reachable by all; "" = detect
-  c.mesh.num_processes = 0  # 0 = detect
-  c.mesh.process_id = -1  # 0 .. num_processes - 1; -1 = detect
-  return c
+  m.distributed = False
+  m.coordinator_address = ""  # "host:port" of process 0, reachable by all; "" = detect
+  m.num_processes = 0  # 0 = detect
+  m.process_id = -1  # 0 .. num_processes - 1; -1 = detect
+  return m
 
 
 def validate(c: ConfigDict) -> None:

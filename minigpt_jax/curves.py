@@ -66,15 +66,26 @@ def plot_run(run_dir, out=None) -> pathlib.Path:
   if not train and not evals:
     raise UserError(f"{metrics_path} holds no train or eval records yet")
   full = _full_evals(run_dir)
-  syntax = [r for r in evals if "syntax_rate" in r]
-  full_syntax = [r for r in full if "syntax_rate" in r]
-  tokens_per_step = next((r["tokens"] / r["step"] for r in train + evals
-                          if r.get("step") and r.get("tokens")), None)
+  syntax = [r for r in evals if "syntax_rate" in r], [r for r in full if "syntax_rate" in r]
 
   plt = _pyplot()
-  panels = 3 if syntax or full_syntax else 2
+  panels = 3 if any(syntax) else 2
   fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), constrained_layout=True)
   fig.suptitle(f"{run_dir.name}: {len(train)} train / {len(evals)} eval records")
+  _loss_panels(plt, axes[:2], train, evals, full)
+  if panels == 3:
+    _syntax_panel(plt, axes[2], *syntax)
+  out = pathlib.Path(out) if out else run_dir / "curves.png"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=110, format="png")  # the path as given, whatever its suffix
+  plt.close(fig)
+  return out
+
+
+def _loss_panels(plt, axes, train: list, evals: list, full: list) -> None:
+  """Loss against steps and against tokens, in nats (left axis) and bits (right)."""
+  tokens_per_step = next((r["tokens"] / r["step"] for r in train + evals
+                          if r.get("step") and r.get("tokens")), None)
   for ax, x, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens (characters)")):
     ax.plot([r[x] for r in train if x in r], [r["loss"] for r in train if x in r],
             color=TRAIN, lw=1, label="train")
@@ -90,27 +101,23 @@ def plot_run(run_dir, out=None) -> pathlib.Path:
                        ).set_ylabel("bits/char")
     ax.grid(alpha=0.3)
     ax.legend()
-  for ax in axes[::2]:  # the step axes
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+  axes[0].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
   axes[0].set_title("loss vs steps")
   axes[1].set_title("loss vs tokens")
-  if panels == 3:
-    ax = axes[2]
-    if syntax:
-      ax.plot([r["step"] for r in syntax], [100 * r["syntax_rate"] for r in syntax],
-              color=VAL, marker="o", ms=3, label="during training")
-    if full_syntax:
-      ax.plot([r["step"] for r in full_syntax], [100 * r["syntax_rate"] for r in full_syntax],
-              ls="none", color=FULL, marker="D", ms=5, label="evaluate")
-    ax.set_ylim(-2, 102)
-    ax.set_xlabel("step")
-    ax.set_ylabel("samples that parse (%)")
-    ax.set_title("syntax validity vs steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
 
-  out = pathlib.Path(out) if out else run_dir / "curves.png"
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=110, format="png")  # the path as given, whatever its suffix
-  plt.close(fig)
-  return out
+
+def _syntax_panel(plt, ax, during: list, evaluated: list) -> None:
+  """The share of samples that parse, during training and from evaluate's reports."""
+  if during:
+    ax.plot([r["step"] for r in during], [100 * r["syntax_rate"] for r in during],
+            color=VAL, marker="o", ms=3, label="during training")
+  if evaluated:
+    ax.plot([r["step"] for r in evaluated], [100 * r["syntax_rate"] for r in evaluated],
+            ls="none", color=FULL, marker="D", ms=5, label="evaluate")
+  ax.set_ylim(-2, 102)
+  ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+  ax.set_xlabel("step")
+  ax.set_ylabel("samples that parse (%)")
+  ax.set_title("syntax validity vs steps")
+  ax.grid(alpha=0.3)
+  ax.legend()

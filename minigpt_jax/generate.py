@@ -1,11 +1,15 @@
-"""Generation, top to bottom: pick a token from logits, prefill the KV cache with the
-prompts, decode with `lax.scan`, and the uncached reference the cache is tested against.
+"""Generation, top to bottom: pad the prompts, prefill the KV cache with them, decode
+with `lax.scan`s, and pick each token from the logits; plus the uncached reference the
+cache is tested against.
 
-Prompts arrive left-padded to P slots (`prompts.pad_prompts`), so every row writes the
-same cache slot at each step; `KVCache.start_B` masks each row's padding.
+Prompts are left-padded to P slots (`prompts.pad_prompts`), so every row writes the same
+cache slot at each step; `KVCache.start_B` masks each row's padding.
 """
 
+from __future__ import annotations
+
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,72 +20,50 @@ from minigpt_jax.prompts import pad_prompts
 from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
 
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
+# Decode steps per iteration of the compiled scan loop. XLA:GPU drives a scan from the host,
+# one round trip per iteration (jax-ml/jax#2491), so unrolling may pay there; on the CPU
+# 1 measured best (BENCHMARKS.md). `bench --decode_unroll` measures it.
+DECODE_UNROLL = 1
 
 
-# --- picking tokens -------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """How to pick tokens. Hashable: it is a static argument of the jitted decode loop.
-  The defaults are the plain softmax; what users get by default is `config.sample`."""
-
-  temperature: float = 1.0
-  top_k: int = 0  # keep the k most likely tokens; 0 = off
-  top_p: float = 1.0  # keep the smallest set with probability >= p; 1.0 = off
-  greedy: bool = False  # argmax; the other fields are ignored
-
-  def __post_init__(self):
-    if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
+                  max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
+                  use_cache: bool = True, stop_at_eos: bool = True) -> list[str]:
+  """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`)."""
+  ids = [tok.encode(p) for p in prompts]
+  new_BG = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                           seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos)
+  return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BG]
 
 
-def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
-  """Sets all but the k largest logits of each row to -inf (ties at the k-th are kept)."""
-  if k <= 0 or k >= logits_BV.shape[-1]:
-    return logits_BV
-  kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
-  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
+                    sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
+                    stop_at_eos: bool = True, segment: int = DECODE_SEGMENT,
+                    unroll: int = DECODE_UNROLL) -> np.ndarray:
+  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens].
 
+  With the cache, the prompts fill a cache of exactly their P slots, which `decode` then
+  grows `segment` slots at a time (0: straight to P + max_new_tokens - 1).
+  """
+  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
+  key = jax.random.key(seed)
+  if cfg.dtype != jnp.float32:  # cast once, not in every decode step: half the weight reads
+    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
+  B, P = tokens_BP.shape
+  if use_cache:
+    cache = KVCache.init(cfg, B, P, start_B)
+    logits_BV, cache = prefill(params, cfg, jnp.asarray(tokens_BP), cache)
+    new_BG, _ = decode(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
+                           stop_at_eos, segment, unroll)
+  else:
+    buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
+    new_BG = generate_uncached(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
+                                   key, P, sampling, stop_at_eos)
+  return np.asarray(new_BG)
 
-def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
-  """Nucleus filter: keeps the most likely tokens whose probabilities first reach `p`."""
-  if p >= 1.0:
-    return logits_BV
-  sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
-  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  keep_BV = mass_before_BV < p  # the first token is always kept
-  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+# --- the cached path: prefill, then decode -------------------------------------------------------
 
-
-def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """One token id per row, int32 [B]: greedy, or a draw after temperature, top-k, top-p."""
-  if cfg.greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
-  logits_BV = top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
-  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
-
-
-# --- the cached decode and the uncached reference -------------------------------------------
-
-def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
-               sampling: SamplingConfig, stop_at_eos: bool):
-  """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done.
-
-  Both decode paths call this, so they pick alike. Returns (tokens [B], done [B])."""
-  tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
-  tok_B = jnp.where(done_B, PAD_ID, tok_B)
-  if stop_at_eos:
-    done_B = done_B | (tok_B == EOS_ID)
-  return tok_B, done_B
-
-
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
   """Runs the prompts through the model once. Returns (last logits [B, V], filled cache)."""
   logits_BPV, cache = MiniGPT(cfg).apply({"params": params}, tokens_BP, cache=cache)
@@ -102,9 +84,13 @@ def decode_segments(slots: int, calls: int, segment: int) -> list[tuple[int, int
   return [(cap, cap - prev) for prev, cap in zip([slots, *caps], caps)] if calls else []
 
 
+# No donation: decode returns a larger cache than it is given, so the input's buffers
+# could not hold the output anyway (the caller drops the prompt's cache).
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "stop_at_eos",
+                                             "segment", "unroll"))
 def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
            steps: int, sampling: SamplingConfig, stop_at_eos: bool = True,
-           segment: int = DECODE_SEGMENT):
+           segment: int = DECODE_SEGMENT, unroll: int = DECODE_UNROLL):
   """Samples `steps` tokens after the prompts whose last logits are `logits_BV`.
 
   Token 0 comes from `logits_BV`; each later one costs one model call on the token before
@@ -128,12 +114,17 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   t = 1
   for slots, calls in decode_segments(cache.slots, steps - 1, segment):
     carry = (cache.grow(slots), tok_B, done_B)
-    (cache, tok_B, done_B), tokens_GB = jax.lax.scan(step, carry, jnp.arange(t, t + calls))
+    (cache, tok_B, done_B), tokens_GB = jax.lax.scan(step, carry, jnp.arange(t, t + calls),
+                                                     unroll=min(unroll, calls))
     tokens.append(tokens_GB.T)
     t += calls
   return jnp.concatenate(tokens, axis=1), cache
 
 
+
+# --- the uncached reference ----------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
 def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: jax.Array,
                       key: jax.Array, prompt_len: int, sampling: SamplingConfig,
                       stop_at_eos: bool = True):
@@ -157,46 +148,63 @@ def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: j
   _, tokens_GB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
   return tokens_GB.T
 
+# --- picking tokens ------------------------------------------------------------------------------
 
-prefill_jit = jax.jit(prefill, static_argnames=("cfg",), donate_argnames=("cache",))
-# No donation for decode: it returns a larger cache than it is given, so the input's
-# buffers could not hold the output anyway (the caller drops the prompt's cache).
-decode_jit = jax.jit(
-    decode, static_argnames=("cfg", "steps", "sampling", "stop_at_eos", "segment"))
-generate_uncached_jit = jax.jit(
-    generate_uncached, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
+def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
+               sampling: SamplingConfig, stop_at_eos: bool):
+  """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done.
 
-
-def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
-                    sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
-                    stop_at_eos: bool = True, segment: int = DECODE_SEGMENT) -> np.ndarray:
-  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens].
-
-  With the cache, the prompts fill a cache of exactly their P slots, which `decode` then
-  grows `segment` slots at a time (0: straight to P + max_new_tokens - 1).
-  """
-  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
-  key = jax.random.key(seed)
-  if cfg.dtype != jnp.float32:  # cast once, not in every decode step: half the weight reads
-    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
-  B, P = tokens_BP.shape
-  if use_cache:
-    cache = KVCache.init(cfg, B, P, start_B)
-    logits_BV, cache = prefill_jit(params, cfg, jnp.asarray(tokens_BP), cache)
-    new_BG, _ = decode_jit(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
-                           stop_at_eos, segment)
-  else:
-    buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
-    new_BG = generate_uncached_jit(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
-                                   key, P, sampling, stop_at_eos)
-  return np.asarray(new_BG)
+  Both decode paths call this, so they pick alike. Returns (tokens [B], done [B])."""
+  tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
+  tok_B = jnp.where(done_B, PAD_ID, tok_B)
+  if stop_at_eos:
+    done_B = done_B | (tok_B == EOS_ID)
+  return tok_B, done_B
 
 
-def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
-                  max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
-                  use_cache: bool = True, stop_at_eos: bool = True) -> list[str]:
-  """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`)."""
-  ids = [tok.encode(p) for p in prompts]
-  new_BG = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos)
-  return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BG]
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens. Hashable: it is a static argument of the jitted decode loop.
+  The defaults are the plain softmax; what users get by default is `config.sample`."""
+
+  temperature: float = 1.0
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # keep the smallest set with probability >= p; 1.0 = off
+  greedy: bool = False  # argmax; the other fields are ignored
+
+  def __post_init__(self):
+    if not self.greedy and not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """One token id per row, int32 [B]: greedy, or a draw after temperature, top-k, top-p."""
+  if cfg.greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
+  logits_BV = top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+  """Sets all but the k largest logits of each row to -inf (ties at the k-th are kept)."""
+  if k <= 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter: keeps the most likely tokens whose probabilities first reach `p`."""
+  if p >= 1.0:
+    return logits_BV
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  keep_BV = mass_before_BV < p  # the first token is always kept
+  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)

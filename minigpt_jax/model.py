@@ -1,5 +1,5 @@
-"""MiniGPT in flax.linen, built bottom-up: embeddings -> single-head attention ->
-multi-head attention -> FFN -> pre-norm block -> model.
+"""MiniGPT in flax.linen, built bottom-up: embeddings -> multi-head attention -> FFN ->
+pre-norm block -> model.
 
 Shape key, one meaning per letter across the package: B batch, T time (query slots),
 W window (T + 1: inputs plus the last target), S cache slots, P prompt slots,
@@ -171,27 +171,6 @@ class Embeddings(nn.Module):
     pos = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=_dense_init(), name="position")
     x_BTD = tok(tokens_BT) + pos(pos_BT)
     return x_BTD.astype(cfg.dtype)
-
-
-class SingleHeadAttention(nn.Module):
-  """One causal attention head, written out step by step: the reference that
-  `MultiHeadAttention` (fused) is tested against."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    cfg = self.cfg
-    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
-    dense = lambda name: nn.Dense(cfg.head_dim, dtype=cfg.dtype, kernel_init=_dense_init(), name=name)
-    q_BTK, k_BTK, v_BTK = dense("query")(x_BTD), dense("key")(x_BTD), dense("value")(x_BTD)
-    scores_BTT = jnp.einsum("btk,bsk->bts", q_BTK, k_BTK) / math.sqrt(cfg.head_dim)
-    T = x_BTD.shape[1]
-    causal_TT = jnp.tril(jnp.ones((T, T), bool))
-    scores_BTT = jnp.where(causal_TT, scores_BTT.astype(jnp.float32), -jnp.inf)
-    out_BTK = jnp.einsum("bts,bsk->btk", jax.nn.softmax(scores_BTT, -1).astype(cfg.dtype), v_BTK)
-    check_shape(self, "output", out_BTK, x_BTD.shape[:2] + (cfg.head_dim,))
-    return out_BTK
 
 
 class MultiHeadAttention(nn.Module):

@@ -82,7 +82,8 @@ def initialize_distributed(mesh_cfg) -> None:
         num_processes=mesh_cfg.num_processes if mesh_cfg.num_processes > 0 else None,
         process_id=mesh_cfg.process_id if mesh_cfg.process_id >= 0 else None)
   except (RuntimeError, ValueError) as e:
-    raise UserError(f"cannot join the distributed runtime: {first_line(e).rstrip('.')}; outside Slurm/Open MPI "
+    raise UserError(f"cannot join the distributed runtime: {first_line(e).rstrip('.')}; "
+                    "outside Slurm/Open MPI "
                     "set --config.mesh.coordinator_address, .num_processes and .process_id")
 
 

@@ -132,7 +132,8 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
 # --- decoding ------------------------------------------------------------------------------
 
 def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cached: bool,
-                 repeats: int, seed: int = 0, segment: int = generate.DECODE_SEGMENT) -> dict:
+                 repeats: int, seed: int = 0, segment: int = generate.DECODE_SEGMENT,
+                 unroll: int = generate.DECODE_UNROLL) -> dict:
   """Greedy generation of `new_tokens` per row from an empty prompt, through the sampler's
   own `generate.generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
   empty = [np.zeros((0,), np.int32)] * batch
@@ -140,7 +141,8 @@ def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cache
 
   def generate_once():
     generate.generate_tokens(params, cfg, empty, max_new_tokens=new_tokens, sampling=GREEDY,
-                             seed=seed, use_cache=cached, stop_at_eos=False, segment=segment)
+                             seed=seed, use_cache=cached, stop_at_eos=False, segment=segment,
+                             unroll=unroll)
 
   first = timed_repeats(generate_once, 1)[0]  # compiles
   seconds = timed_repeats(generate_once, repeats)
@@ -169,7 +171,8 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8),
         decode_tokens: int = 0, uncached_tokens: int = 0, skip_uncached: bool = False,
-        decode_segment: Optional[int] = None, train_steps: int = 10, repeats: int = 5,
+        decode_segment: Optional[int] = None, decode_unroll: Optional[int] = None,
+        train_steps: int = 10, repeats: int = 5,
         warmup: int = 2, command: str = "",
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
   """Runs the benchmark for `config` and returns the result as a JSON-ready dict.
@@ -182,53 +185,28 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
       the cached path is measured at this length too, so the speedup compares like with like.
     decode_segment: the cached decode's cache grows this many slots at a time (0: none;
       None: as when sampling).
+    decode_unroll: decode steps per scan iteration (None: as when sampling).
   """
-  if config.mesh.distributed:
-    raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
-  if min(train_steps, repeats) < 1 or warmup < 0:
-    raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
   decode_segment = generate.DECODE_SEGMENT if decode_segment is None else decode_segment
-  if decode_segment < 0 or 0 < decode_segment < 16:
-    raise UserError(f"--decode_segment must be 0 (no segments) or >= 16 (each segment "
-                    f"compiles its own loop), got {decode_segment}")
+  decode_unroll = generate.DECODE_UNROLL if decode_unroll is None else decode_unroll
+  if decode_unroll < 1:
+    raise UserError(f"--decode_unroll must be >= 1, got {decode_unroll}")
   cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
   batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
-  room = room_after_prompt(0, cfg.context_len)  # the prompt is empty
-  decode_tokens = decode_tokens or room
+  decode_tokens = decode_tokens or room_after_prompt(0, cfg.context_len)  # an empty prompt
   uncached_tokens = uncached_tokens or decode_tokens
-  for n in (decode_tokens, uncached_tokens):
-    if not 1 <= n <= room:
-      raise UserError(f"decode tokens must be in [1, {room}] (context_len - 1: "
-                      f"one slot holds the start marker), got {n}")
   mesh = sharding.make_mesh(config.mesh)
-  for b in batch_sizes:
-    if b % mesh.size:
-      raise UserError(f"batch size {b} is not divisible by the {mesh.size} devices of the mesh")
-
-  fpt = flops_per_token(cfg)
-  tx, abstract, state_sh = train_step.state_layout(config, cfg, mesh)
+  check_request(config, cfg, mesh, batch_sizes, (decode_tokens, uncached_tokens), decode_segment,
+                train_steps, repeats, warmup)
   result = {"schema": SCHEMA, "command": command, **environment(),
             "mesh": dict(mesh.shape), "peak_flops_per_device": hardware.peak_flops(),
-            "model": dataclasses.asdict(cfg), "param_count": param_count(abstract.params),
-            "flops_per_token": fpt, "compute_dtype": cfg.compute_dtype,
+            "model": dataclasses.asdict(cfg), "param_count": None,
+            "flops_per_token": flops_per_token(cfg), "compute_dtype": cfg.compute_dtype,
             "attention_impl": cfg.attention_impl}
   log(f"{result['device_count']} x {result['device_kind']} ({result['platform']}), "
       f"compute {cfg.compute_dtype}, attention {cfg.attention_impl}")
-
-  rows = []
-  if batch_sizes:  # the train state and the random ids only when training is measured
-    state = train_step.fresh_state(config, cfg, tx, state_sh)
-    rng = np.random.default_rng(config.seed)
-    train_N = sharding.put_replicated(
-        mesh, rng.integers(0, cfg.vocab_size, max(DATA_TOKENS, 2 * cfg.context_len + 2), np.uint8))
-    for b in batch_sizes:
-      log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
-      step_fn = train_step.jit_train_step(config, cfg, mesh, tx, state_sh, b)
-      row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
-                                    context_len=cfg.context_len, fpt=fpt, steps=train_steps,
-                                    repeats=repeats, warmup=warmup)
-      rows.append(row)
-    del state, train_N
+  result["param_count"], rows = train_rows(config, cfg, mesh, batch_sizes, train_steps, repeats,
+                                           warmup, log)
   result["train"] = {"steps_per_repeat": train_steps, "repeats": repeats, "warmup_steps": warmup,
                      "data": f"{DATA_TOKENS} random token ids", "results": rows}
 
@@ -237,12 +215,52 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
   for cached, b, n in decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached):
     log(f"decode: {'cached' if cached else 'uncached'}, batch {b}, {n} tokens ...")
     rows.append(bench_decode(params, cfg, batch=b, new_tokens=n, cached=cached, repeats=repeats,
-                             seed=config.seed, segment=decode_segment))
+                             seed=config.seed, segment=decode_segment, unroll=decode_unroll))
   result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
-                      "stop_at_eos": False, "cache_segment": decode_segment,
-                      "repeats": repeats, "results": rows,
-                      "speedups": speedups(rows)}
+                      "stop_at_eos": False, "cache_segment": decode_segment, "unroll": decode_unroll,
+                      "repeats": repeats, "results": rows, "speedups": speedups(rows)}
   return result
+
+
+def check_request(config, cfg: ModelConfig, mesh, batch_sizes, decode_lengths, decode_segment,
+                  train_steps: int, repeats: int, warmup: int) -> None:
+  """Refuses a benchmark that cannot run, before any compilation."""
+  if config.mesh.distributed:
+    raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
+  if min(train_steps, repeats) < 1 or warmup < 0:
+    raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
+  if decode_segment < 0 or 0 < decode_segment < 16:
+    raise UserError(f"--decode_segment must be 0 (no segments) or >= 16 (each segment "
+                    f"compiles its own loop), got {decode_segment}")
+  room = room_after_prompt(0, cfg.context_len)
+  for n in decode_lengths:
+    if not 1 <= n <= room:
+      raise UserError(f"decode tokens must be in [1, {room}] (context_len - 1: "
+                      f"one slot holds the start marker), got {n}")
+  for b in batch_sizes:
+    if b % mesh.size:
+      raise UserError(f"batch size {b} is not divisible by the {mesh.size} devices of the mesh")
+
+
+def train_rows(config, cfg: ModelConfig, mesh, batch_sizes, train_steps: int, repeats: int,
+               warmup: int, log) -> tuple[int, list[dict]]:
+  """(parameter count, one `bench_train_step` row per batch size); the train state and the
+  random ids are made only when a batch size is asked for."""
+  tx, abstract, state_sh = train_step.state_layout(config, cfg, mesh)
+  rows = []
+  if batch_sizes:
+    state = train_step.fresh_state(config, cfg, tx, state_sh)
+    rng = np.random.default_rng(config.seed)
+    train_N = sharding.put_replicated(
+        mesh, rng.integers(0, cfg.vocab_size, max(DATA_TOKENS, 2 * cfg.context_len + 2), np.uint8))
+    for b in batch_sizes:
+      log(f"train: batch {b} x {cfg.context_len}, {warmup} + {repeats} x {train_steps} steps ...")
+      step_fn = train_step.jit_train_step(config, cfg, mesh, tx, state_sh, b)
+      row, state = bench_train_step(step_fn, state, train_N, batch_size=b,
+                                    context_len=cfg.context_len, fpt=flops_per_token(cfg),
+                                    steps=train_steps, repeats=repeats, warmup=warmup)
+      rows.append(row)
+  return param_count(abstract.params), rows
 
 
 def format_table(result: dict) -> str:

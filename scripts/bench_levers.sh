@@ -30,6 +30,8 @@ lever attention_xla "" --config.model.attention_impl=xla
 lever float32 "" --config.model.compute_dtype=float32  # also XLA attention (cuDNN needs 16-bit)
 lever vocab_unpadded "" --config.model.vocab_pad_multiple=1
 lever decode_unsegmented "" --batch_sizes= --decode_segment=0
+lever decode_unroll4 "" --batch_sizes= --decode_unroll=4  # fewer host round trips on GPU
+lever decode_unroll16 "" --batch_sizes= --decode_unroll=16
 lever no_command_buffers "--xla_gpu_enable_command_buffer="
 
 python - "$out" <<'PY'

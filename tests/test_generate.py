@@ -108,15 +108,26 @@ def test_segmented_decode_equals_uncached(segment):
   assert stopped  # the <eos> case was really exercised
 
 
+@pytest.mark.parametrize("unroll", [3, 64])  # 64: more than any segment's calls
+def test_unrolled_decode_equals_uncached(unroll):
+  """Unrolling the scan (fewer loop iterations on a GPU) changes no token."""
+  prompts_ = [_random_prompt(n, 300 + n) for n in (2, 9)]
+  kw = dict(max_new_tokens=21, sampling=SamplingConfig(temperature=0.9, top_k=20), seed=4,
+            stop_at_eos=False)
+  a = generate.generate_tokens(PARAMS, CFG, prompts_, segment=16, unroll=unroll, **kw)
+  b = generate.generate_tokens(PARAMS, CFG, prompts_, use_cache=False, **kw)
+  np.testing.assert_array_equal(a, b)
+
+
 def test_decode_makes_one_model_call_per_token_after_the_first():
   """N new tokens: the first comes from the prefill logits, then N - 1 calls, each writing
   one cache slot; no call is spent after the last token."""
   tokens_BP, start_B = prompts.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
   P = tokens_BP.shape[1]
   cache = KVCache.init(CFG, 1, P, start_B)
-  logits_BV, cache = generate.prefill_jit(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
+  logits_BV, cache = generate.prefill(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
   assert cache.slots == P and int(cache.index) == P
-  new_BN, cache = generate.decode_jit(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 20,
+  new_BN, cache = generate.decode(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 20,
                                       GREEDY, False, 8)
   assert new_BN.shape == (1, 20)
   assert cache.slots == P + 19 and int(cache.index) == P + 19

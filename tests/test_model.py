@@ -1,5 +1,7 @@
 import dataclasses
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ from helpers import SMALL_MODEL
 from minigpt_jax import hardware
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention,
-                               SingleHeadAttention, flops_per_token, init_params, param_count)
+from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention, _dense_init,
+                               check_shape, flops_per_token, init_params, param_count)
 
 SMALL = SMALL_MODEL
 
@@ -61,6 +63,27 @@ def test_causality():
   lb, _ = MiniGPT(SMALL).apply({"params": params}, b)
   np.testing.assert_array_equal(la[:, :t + 1], lb[:, :t + 1])
   assert not np.allclose(la[:, t + 1:], lb[:, t + 1:])
+
+
+class SingleHeadAttention(nn.Module):
+  """One causal attention head, written out step by step: the reference the fused
+  `MultiHeadAttention` is tested against."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    check_shape(self, "x", x_BTD, (None, None, cfg.d_model))
+    dense = lambda name: nn.Dense(cfg.head_dim, dtype=cfg.dtype, kernel_init=_dense_init(), name=name)
+    q_BTK, k_BTK, v_BTK = dense("query")(x_BTD), dense("key")(x_BTD), dense("value")(x_BTD)
+    scores_BTT = jnp.einsum("btk,bsk->bts", q_BTK, k_BTK) / math.sqrt(cfg.head_dim)
+    T = x_BTD.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    scores_BTT = jnp.where(causal_TT, scores_BTT.astype(jnp.float32), -jnp.inf)
+    out_BTK = jnp.einsum("bts,bsk->btk", jax.nn.softmax(scores_BTT, -1).astype(cfg.dtype), v_BTK)
+    check_shape(self, "output", out_BTK, x_BTD.shape[:2] + (cfg.head_dim,))
+    return out_BTK
 
 
 def test_fused_multi_head_equals_concatenated_single_heads():

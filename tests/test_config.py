@@ -1,0 +1,40 @@
+"""The config: one validation before any work, and one documented sampling default."""
+
+import pytest
+
+from configs import tiny
+from minigpt_jax import config as config_lib
+from minigpt_jax import scoring
+from minigpt_jax.errors import UserError
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.max_chars", -1, "data.max_chars must be an integer >= 0"),  # became "no cap" silently
+    ("data.max_file_chars", -5, "data.max_file_chars must be an integer >= 0"),
+    ("model.vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a positive integer"),
+    ("model.d_ff", 0, "model.d_ff must be a positive integer"),
+    ("data.name", "../elsewhere", "data.name must be a plain folder name"),
+    ("run_name", ".hidden", "run_name must be a plain folder name"),
+])
+def test_validate_refuses(field, value, message):
+  c = tiny.get_config()
+  section, name = field.rsplit(".", 1) if "." in field else (None, field)
+  setattr(c[section] if section else c, name, value)
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(c)
+
+
+def test_the_tiny_config_is_valid():
+  config_lib.validate(tiny.get_config())  # raises if a rule above catches a good config
+
+
+def test_one_sampling_default_for_training_sample_and_evaluate():
+  """`sample`'s flags, the samples printed during training and evaluate's syntax check all
+  draw with the config's sample section (they disagreed: top_p 1.0 against 0.95)."""
+  from minigpt_jax import sample  # defines the sample command's flags in this process
+  want = config_lib.base_config().sample
+  assert (want.temperature, want.top_k, want.top_p) == (0.8, 0, 0.95)  # what README documents
+  assert (sample._TEMP.default, sample._TOP_K.default, sample._TOP_P.default) == (
+      want.temperature, want.top_k, want.top_p)
+  drawn = scoring.default_sampling()
+  assert (drawn.temperature, drawn.top_k, drawn.top_p) == (want.temperature, want.top_k, want.top_p)
