@@ -7,6 +7,7 @@ Every figure is the median of `repeats` timed runs after a warm-up; a table goes
 stderr and one JSON object to stdout (and to --json_out).
 """
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -173,7 +174,7 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
         decode_tokens: int = 0, uncached_tokens: int = 0, skip_uncached: bool = False,
         decode_segment: Optional[int] = None, decode_unroll: Optional[int] = None,
         train_steps: int = 10, repeats: int = 5,
-        warmup: int = 2, command: str = "",
+        warmup: int = 2, command: str = "", profile_dir: Optional[str] = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
   """Runs the benchmark for `config` and returns the result as a JSON-ready dict.
 
@@ -186,6 +187,8 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
     decode_segment: the cached decode's cache grows this many slots at a time (0: none;
       None: as when sampling).
     decode_unroll: decode steps per scan iteration (None: as when sampling).
+    profile_dir: write a `jax.profiler` trace of the whole benchmark there (TensorBoard's
+      profile plugin reads it; the .trace.json.gz file opens in ui.perfetto.dev).
   """
   decode_segment = generate.DECODE_SEGMENT if decode_segment is None else decode_segment
   decode_unroll = generate.DECODE_UNROLL if decode_unroll is None else decode_unroll
@@ -205,21 +208,33 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
             "attention_impl": cfg.attention_impl}
   log(f"{result['device_count']} x {result['device_kind']} ({result['platform']}), "
       f"compute {cfg.compute_dtype}, attention {cfg.attention_impl}")
-  result["param_count"], rows = train_rows(config, cfg, mesh, batch_sizes, train_steps, repeats,
-                                           warmup, log)
-  result["train"] = {"steps_per_repeat": train_steps, "repeats": repeats, "warmup_steps": warmup,
-                     "data": f"{DATA_TOKENS} random token ids", "results": rows}
+  trace = jax.profiler.trace(profile_dir, create_perfetto_trace=True) if profile_dir else (
+      contextlib.nullcontext())
+  with trace:
+    result["param_count"], rows = train_rows(config, cfg, mesh, batch_sizes, train_steps,
+                                             repeats, warmup, log)
+    result["train"] = {"steps_per_repeat": train_steps, "repeats": repeats,
+                       "warmup_steps": warmup, "data": f"{DATA_TOKENS} random token ids",
+                       "results": rows}
+    plan = decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached)
+    rows = decode_rows(config, cfg, plan, repeats, decode_segment, decode_unroll, log)
+  result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
+                      "stop_at_eos": False, "cache_segment": decode_segment,
+                      "unroll": decode_unroll, "repeats": repeats, "results": rows,
+                      "speedups": speedups(rows)}
+  return result
 
+
+def decode_rows(config, cfg: ModelConfig, plan, repeats: int, segment: int, unroll: int,
+                log) -> list[dict]:
+  """One `bench_decode` row per (cached, batch, new tokens) of `plan`, on random weights."""
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
   rows = []
-  for cached, b, n in decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached):
+  for cached, b, n in plan:
     log(f"decode: {'cached' if cached else 'uncached'}, batch {b}, {n} tokens ...")
     rows.append(bench_decode(params, cfg, batch=b, new_tokens=n, cached=cached, repeats=repeats,
-                             seed=config.seed, segment=decode_segment, unroll=decode_unroll))
-  result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
-                      "stop_at_eos": False, "cache_segment": decode_segment, "unroll": decode_unroll,
-                      "repeats": repeats, "results": rows, "speedups": speedups(rows)}
-  return result
+                             seed=config.seed, segment=segment, unroll=unroll))
+  return rows
 
 
 def check_request(config, cfg: ModelConfig, mesh, batch_sizes, decode_lengths, decode_segment,
