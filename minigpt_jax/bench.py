@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from minigpt_jax import cli
+from minigpt_jax import cli, errors
 from minigpt_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,6 +40,9 @@ _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10, "Timed steps per repeat."
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; figures are medians.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the JSON here.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "Write a jax.profiler trace of the benchmark here (TensorBoard with "
+    "tensorboard-plugin-profile, or the .trace.json.gz in ui.perfetto.dev).")
 
 
 def main(_):
@@ -47,20 +50,32 @@ def main(_):
   json_out = _JSON_OUT.value
   if json_out and not pathlib.Path(json_out).absolute().parent.is_dir():
     raise UserError(f"--json_out {json_out}: no such folder")
+  if json_out:  # before the benchmark, not after it
+    cli.check_output_path(json_out, "--json_out")
   from minigpt_jax import throughput  # after flag parsing: --help stays fast
-  result = throughput.run(
+  with errors.out_of_memory_names("--batch_sizes or --decode_batches"):
+    result = run_benchmark(config, throughput)
+  print(throughput.format_table(result), file=sys.stderr, flush=True)
+  text = json.dumps(result, indent=1)
+  print(text, flush=True)
+  if json_out:
+    try:
+      pathlib.Path(json_out).write_text(text + "\n")
+    except OSError as e:  # e.g. a full disk: the JSON is on stdout above
+      raise UserError(f"cannot write --json_out {json_out}: {e.strerror or e}")
+
+
+def run_benchmark(config, throughput) -> dict:
+  """`throughput.run` with the flags' settings."""
+  return throughput.run(
       config, batch_sizes=throughput.parse_sizes(_BATCH_SIZES.value, "batch_sizes"),
       decode_batches=throughput.parse_sizes(_DECODE_BATCHES.value, "decode_batches"),
       decode_tokens=_DECODE_TOKENS.value, uncached_tokens=_UNCACHED_TOKENS.value,
       skip_uncached=_SKIP_UNCACHED.value, decode_segment=_DECODE_SEGMENT.value,
       decode_unroll=_DECODE_UNROLL.value,
       train_steps=_TRAIN_STEPS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
+      profile_dir=_PROFILE_DIR.value,
       command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
-  print(throughput.format_table(result), file=sys.stderr, flush=True)
-  text = json.dumps(result, indent=1)
-  print(text, flush=True)
-  if json_out:
-    pathlib.Path(json_out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ def base_config() -> ConfigDict:
   c.seed = 0  # parameter init and the batch sequence (a batch is a function of seed and step)
   c.workdir = "checkpoints"  # runs land in <workdir>/<run_name>/
   c.run_name = "full"  # a run directory that already holds checkpoints is resumed
+  # Fine-tuning: a new run starts from the parameters of this run directory (or of its
+  # ckpt/<step>/), with a fresh optimizer and its own schedule; "" = a fresh init. The
+  # model section must be the source's. A run that has checkpoints resumes from its own.
+  c.init_from = ""
+  c.init_from_step = 0  # the step of init_from to start from; 0 = its latest
 
   c.data = ConfigDict()
   c.data.dir = "data"  # prepared corpora land in <dir>/<name>/
@@ -123,6 +128,18 @@ def validate(c: ConfigDict) -> None:
   for name, value in (("run_name", c.run_name), ("data.name", c.data.name)):
     if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
       raise UserError(f"{name} must be a plain folder name, got {value!r}")
+  check_init_from(c)
   if not isinstance(c.train.stop_at_step, int) or c.train.stop_at_step < 0:
     raise UserError(f"train.stop_at_step must be >= 0 (0 = train.steps), got {c.train.stop_at_step!r}")
   CharTokenizer().encode(c.sample.prompt)  # its error names the characters
+
+
+def check_init_from(c: ConfigDict) -> None:
+  if not isinstance(c.init_from, str):
+    raise UserError(f"init_from must be a run directory path or empty, got {c.init_from!r}")
+  step = c.init_from_step
+  if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    raise UserError(f"init_from_step must be >= 0 (0 = the latest), got {step!r}")
+  if step and not c.init_from:
+    raise UserError(f"init_from_step is {step} but init_from is empty; set "
+                    "--config.init_from to the run to fine-tune")

@@ -2,17 +2,20 @@
 
 A prepared corpus is `train.bin` and `val.bin` (uint8 token ids, files separated
 by `<eos>`) and `manifest.json` (settings, sources, sizes, sha256, dropped
-characters). Loading checks the manifest against the settings and the files
-against their sha256, so a stale or corrupt corpus is refused, not used.
+characters, files left out). Loading checks the manifest against the settings and the
+files against their sha256, so a stale or corrupt corpus is refused, not used.
+
+The folder itself (reading it, writing it atomically, putting it back after a killed
+rebuild) is `corpus_folder`'s.
 """
 
 import hashlib
 import json
 import os
 import pathlib
+import stat
 import sys
 import sysconfig
-import tempfile
 import time
 from typing import Iterator
 
@@ -20,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax import sharding
+from minigpt_jax import corpus_folder, sharding
+from minigpt_jax.corpus_folder import SPLITS
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 
 
 def resolve_root(root: str) -> pathlib.Path:
@@ -65,19 +68,51 @@ def encode_source(raw: bytes, tok: CharTokenizer) -> tuple[np.ndarray, int, int]
   return ids, len(text) - len(ascii_bytes), n_control
 
 
+def read_regular(path: pathlib.Path) -> bytes | None:
+  """The bytes of `path` (after symlinks) if it is a regular file, else None: a FIFO, socket
+  or device is never read (opening a FIFO waits for a writer, forever)."""
+  if not stat.S_ISREG(os.stat(path).st_mode):
+    return None
+  # Non-blocking, and checked again once open, in case a FIFO took the file's place.
+  with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+    return f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+
+
+def first_sighting(path: pathlib.Path, seen: set) -> bool:
+  """False for a file already in `seen` by its resolved path (a repeated or nested root, a
+  symlink): a file listed twice could land in both splits. Adds it to `seen`."""
+  real = os.path.realpath(path)
+  if real in seen:
+    return False
+  seen.add(real)
+  return True
+
+
 def encode_file(path: pathlib.Path, tok: CharTokenizer, max_file_chars: int):
   """One source file as the corpus takes it: (ids, non-ASCII dropped, others dropped, skip),
-  where `skip` says why the file is left out ("unreadable", "too_large", "empty") or is None.
-  `max_file_chars` 0 means no limit."""
+  where `skip` says why the file is left out ("unreadable", "not_regular", "too_large",
+  "empty") or is None. `max_file_chars` 0 means no limit."""
   try:
-    ids, n_non_ascii, n_control = encode_source(path.read_bytes(), tok)
+    raw = read_regular(path)
   except OSError:
     return None, 0, 0, "unreadable"
+  if raw is None:
+    return None, 0, 0, "not_regular"
+  ids, n_non_ascii, n_control = encode_source(raw, tok)
   if max_file_chars and ids.size > max_file_chars:
     return None, 0, 0, "too_large"
   if ids.size == 0:
     return None, 0, 0, "empty"
   return ids, n_non_ascii, n_control, None
+
+
+def skipped_summary(skipped: dict, max_file_chars: int = 0, max_chars: int = 0) -> str:
+  """The files left out, by why: "3 over data.max_file_chars 1000, 1 empty"."""
+  why = {"too_large": f"over data.max_file_chars {max_file_chars}", "empty": "empty",
+         "unreadable": "unreadable", "not_regular": "not regular files (FIFOs, devices)",
+         "duplicate": "listed twice (overlapping roots or symlinks)",
+         "over_cap": f"past data.max_chars {max_chars}"}
+  return ", ".join(f"{n} {why.get(k, k)}" for k, n in skipped.items() if n) or "none left out"
 
 
 def is_val_file(relpath: str, val_fraction: float) -> bool:
@@ -101,38 +136,19 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
                  keep_train_sha256: str | None = None) -> dict:
   """Walks the roots, encodes every .py file, and writes the split corpus atomically.
 
-  With `keep_train_sha256` (the train split a resumed run was trained on), a corpus whose
-  train split differs is refused before anything is written.
+  Only an empty folder or a prepared corpus at `out_dir` is ever replaced. With
+  `keep_train_sha256` (the train split a resumed run was trained on), a corpus whose train
+  split differs is refused before anything is written.
   """
+  corpus_folder.refuse_to_replace(out_dir)  # before the slow part; again before the swap
   spec = spec_of(data_cfg)
-  roots = [pathlib.Path(r) for r in spec["roots"]]
-  parts = {s: [] for s in SPLITS}
-  files = {s: [] for s in SPLITS}
-  dropped = {"non_ascii": 0, "control": 0}
-  skipped = {"too_large": 0, "over_cap": 0, "unreadable": 0, "empty": 0}
-  total, t0 = 0, time.time()
-  for i, root in enumerate(roots):
-    nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
-    for path in python_files(root, nested):
-      rel = f"{i}:{path.relative_to(root).as_posix()}"
-      ids, n_non_ascii, n_control, skip = encode_file(path, tok, spec["max_file_chars"])
-      if skip:
-        skipped[skip] += 1
-        continue
-      if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
-        skipped["over_cap"] += 1
-        continue
-      dropped["non_ascii"] += n_non_ascii
-      dropped["control"] += n_control
-      split = "val" if is_val_file(rel, spec["val_fraction"]) else "train"
-      parts[split] += [ids, np.array([EOS_ID], np.uint8)]
-      files[split].append([rel, int(ids.size)])
-      total += ids.size + 1
-    log(f"corpus: {root}: {total:,} chars so far ({time.time() - t0:.1f}s)")
+  parts, files, dropped, skipped = _encode_roots(spec, tok, log)
   arrays = {s: np.concatenate(parts[s]) if parts[s] else np.zeros(0, np.uint8) for s in SPLITS}
   for s in SPLITS:
     if arrays[s].size < 2:
-      raise UserError(f"the corpus has no {s} text: roots {spec['roots']} hold too few .py files")
+      left_out = skipped_summary(skipped, spec["max_file_chars"], spec["max_chars"])
+      raise UserError(f"the corpus has no {s} text: roots {spec['roots']} hold too few usable "
+                      f".py files (left out: {left_out})")
   train_sha256 = hashlib.sha256(arrays["train"].tobytes()).hexdigest()
   if keep_train_sha256 and train_sha256 != keep_train_sha256:
     raise UserError(f"the corpus prepared now has another train split than the one the run's "
@@ -150,54 +166,70 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
       "tokenizer": tok.to_dict(),
       "files": files,
   }
-  _write_atomically(out_dir, arrays, manifest)
+  corpus_folder.write_atomically(out_dir, arrays, manifest)
   return manifest
+
+
+def _encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict, dict]:
+  """Each distinct .py file below the roots, once, in the split its name picks.
+
+  Returns (per split: arrays to concatenate, [name, chars] of each file), dropped character
+  counts, and skipped file counts by why.
+  """
+  roots = [pathlib.Path(r) for r in spec["roots"]]
+  parts = {s: [] for s in SPLITS}
+  files = {s: [] for s in SPLITS}
+  dropped = {"non_ascii": 0, "control": 0}
+  skipped = {"too_large": 0, "over_cap": 0, "unreadable": 0, "empty": 0, "not_regular": 0,
+             "duplicate": 0}
+  seen, total, t0 = set(), 0, time.time()
+  for i, root in enumerate(roots):
+    nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
+    for path in python_files(root, nested):
+      if not first_sighting(path, seen):  # kept where first reached: its split stays put
+        skipped["duplicate"] += 1
+        continue
+      rel = f"{i}:{path.relative_to(root).as_posix()}"
+      ids, n_non_ascii, n_control, skip = encode_file(path, tok, spec["max_file_chars"])
+      if skip:
+        skipped[skip] += 1
+        continue
+      if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
+        skipped["over_cap"] += 1
+        continue
+      dropped["non_ascii"] += n_non_ascii
+      dropped["control"] += n_control
+      split = "val" if is_val_file(rel, spec["val_fraction"]) else "train"
+      parts[split] += [ids, np.array([EOS_ID], np.uint8)]
+      files[split].append([rel, int(ids.size)])
+      total += ids.size + 1
+    log(f"corpus: {root}: {total:,} chars so far ({time.time() - t0:.1f}s)")
+  return parts, files, dropped, skipped
 
 
 def _fingerprint(files: dict) -> str:
   return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def _write_atomically(out_dir: pathlib.Path, arrays: dict, manifest: dict) -> None:
-  """Writes into a fresh folder, then swaps it in: a crash leaves the old corpus intact."""
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-  for s in SPLITS:
-    arrays[s].tofile(tmp / f"{s}.bin")
-  (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-  old = None
-  if out_dir.exists():
-    old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-    out_dir.rename(old)
-  tmp.rename(out_dir)
-  if old is not None:
-    for f in old.iterdir():
-      f.unlink()
-    old.rmdir()
-
+# --- loading -------------------------------------------------------------------------------
 
 def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True,
                 keep_train_sha256: str | None = None) -> tuple[dict, dict]:
   """Returns ({"train": ids, "val": ids}, manifest), preparing the corpus on first use
   (or, with `build=False`, refusing to). `keep_train_sha256`: see `build_corpus`."""
   out_dir = pathlib.Path(data_cfg.dir) / data_cfg.name
+  corpus_folder.put_back_and_clean(out_dir, log, clean=build)  # a reader removes nothing
   manifest_path = out_dir / "manifest.json"
   if not build and not manifest_path.exists():
     raise UserError(f"no prepared corpus at {out_dir} (the run's data.dir/data.name)")
   if build and (data_cfg.rebuild or not manifest_path.exists()):
-    if out_dir.exists() and not manifest_path.exists() and any(out_dir.iterdir()):
-      raise UserError(f"{out_dir} exists but has no manifest.json; move it away or pick "
-                      "another --config.data.name")
     log(f"corpus: preparing {out_dir} from {list(data_cfg.roots)}")
     manifest = build_corpus(data_cfg, out_dir, tok, log, keep_train_sha256)
     log(f"corpus: {manifest['splits']['train']['chars']:,} train / "
         f"{manifest['splits']['val']['chars']:,} val chars from "
         f"{manifest['splits']['train']['files'] + manifest['splits']['val']['files']} files")
-  try:
-    manifest = json.loads(manifest_path.read_text())
-    recorded = manifest["spec"]
-  except (OSError, ValueError, KeyError) as e:
-    raise UserError(f"{manifest_path} is unreadable ({e}); rebuild with --config.data.rebuild=True")
+  manifest = corpus_folder.read_manifest(out_dir)
+  recorded = manifest["spec"]
   # A reader (build=False) takes the corpus as recorded; a builder checks it is current.
   if build and recorded != (wanted := spec_of(data_cfg)):
     diff = ", ".join(f"{k}: prepared {recorded.get(k)!r} vs config {wanted[k]!r}"
@@ -207,15 +239,7 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True,
   if manifest.get("tokenizer") != tok.to_dict():
     raise UserError(f"prepared corpus {out_dir} used another tokenizer; rebuild with "
                     "--config.data.rebuild=True")
-  splits = {}
-  for s in SPLITS:
-    path = out_dir / f"{s}.bin"
-    ids = np.fromfile(path, np.uint8) if path.exists() else np.zeros(0, np.uint8)
-    if hashlib.sha256(ids.tobytes()).hexdigest() != manifest["splits"][s]["sha256"]:
-      raise UserError(f"{path} does not match its sha256 in the manifest (corrupt or edited); "
-                      "rebuild with --config.data.rebuild=True")
-    splits[s] = ids
-  return splits, manifest
+  return corpus_folder.read_splits(out_dir, manifest), manifest
 
 
 def load_corpus_everywhere(data_cfg, tok: CharTokenizer, log=print,
@@ -244,8 +268,8 @@ def get_batch(data_N: jax.Array, key: jax.Array, batch_size: int, context_len: i
   """
   starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - context_len)
   window = lambda s: jax.lax.dynamic_slice(data_N, (s,), (context_len + 1,))
-  seq_BT1 = jax.vmap(window)(starts_B).astype(jnp.int32)
-  return seq_BT1[:, :-1], seq_BT1[:, 1:]
+  windows_BW = jax.vmap(window)(starts_B).astype(jnp.int32)
+  return windows_BW[:, :-1], windows_BW[:, 1:]
 
 
 def eval_windows(n_tokens: int, context_len: int, max_windows: int | None = None) -> np.ndarray:

@@ -1,8 +1,17 @@
 """User-facing errors: printed as one line by the CLIs (`cli.run`), never as a traceback."""
 
+import contextlib
+
 
 class UserError(Exception):
   """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+class Stopped(Exception):
+  """An expected stop that is not a mistake (e.g. preemption): the CLIs print its message as
+  one line and exit with `exit_status`."""
+
+  exit_status = 1
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -12,3 +21,19 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     text = text[1:-1].replace("\\n", "\n").replace("\\'", "'")
   lines = [l.strip() for l in text.splitlines() if l.strip()]
   return (lines[0] if lines else type(e).__name__)[:limit]
+
+
+@contextlib.contextmanager
+def out_of_memory_names(setting: str):
+  """Turns running out of memory in the block (XLA's RESOURCE_EXHAUSTED, MemoryError) into a
+  UserError that names the `setting` to lower."""
+  try:
+    yield
+  except UserError:
+    raise
+  except MemoryError:
+    raise UserError(f"out of memory; lower {setting}") from None
+  except Exception as e:  # XLA raises JaxRuntimeError (not a MemoryError) with this status
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise UserError(f"out of memory ({first_line(e, 120)}); lower {setting}") from None

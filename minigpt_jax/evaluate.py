@@ -5,7 +5,6 @@ Python), and the syntactic validity of samples.
       [--extra_corpus DIR ...] [--num_samples 64] [--max_new_tokens 256] [--json_out PATH]
 """
 
-import pathlib
 
 from absl import flags
 
@@ -31,14 +30,20 @@ _JSON_OUT = flags.DEFINE_string("json_out", None,
 def main(_):
   if _BATCH.value < 0:
     raise UserError(f"--batch_size must be >= 0, got {_BATCH.value}")
-  if _JSON_OUT.value and pathlib.Path(_JSON_OUT.value).is_dir():
-    raise UserError(f"--json_out {_JSON_OUT.value} is a folder; give a file path")
+  if _JSON_OUT.value:
+    cli.check_output_path(_JSON_OUT.value, "--json_out")
+  cli.check_seed(_SEED.value)
   from minigpt_jax import runs, scoring  # after flag parsing: --help stays fast
+  path = _CKPT.value or runs.most_recent()
+  if not _JSON_OUT.value:  # the default, <run>/eval_step<step>.json: writable? Now, not after
+    run_dir, step = runs.locate(path, _STEP.value)
+    cli.check_output_path(run_dir / f"eval_step{step}.json", "--json_out")
   out = scoring.evaluate_checkpoint(
-      _CKPT.value or runs.most_recent(), _STEP.value, extra_corpora=_EXTRA.value or (),
+      path, _STEP.value, extra_corpora=_EXTRA.value or (),
       num_samples=_NUM.value, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value or None,
       seed=_SEED.value, compute_dtype=_DTYPE.value)
   print(scoring.format_report(out))
+  # Named after the step evaluated, which may be older than the newest (a damaged one skipped).
   print(f"\nwrote {scoring.write_report(out, _JSON_OUT.value)}")
 
 

@@ -47,8 +47,7 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
   """
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
   key = jax.random.key(seed)
-  if cfg.dtype != jnp.float32:  # cast once, not in every decode step: half the weight reads
-    params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
+  params = compute_params(params, cfg)
   B, P = tokens_BP.shape
   if use_cache:
     cache = KVCache.init(cfg, B, P, start_B)
@@ -60,6 +59,14 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
     new_BG = generate_uncached(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
                                    key, P, sampling, stop_at_eos)
   return np.asarray(new_BG)
+
+
+def compute_params(params, cfg: ModelConfig):
+  """`params` in the compute dtype: cast once, not in every decode step (half the weight
+  reads under 16-bit compute)."""
+  if cfg.dtype == jnp.float32:
+    return params
+  return jax.tree.map(lambda x: x.astype(cfg.dtype), params)
 
 # --- the cached path: prefill, then decode -------------------------------------------------------
 
@@ -100,16 +107,9 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
   """
   if steps < 1:
     raise ValueError(f"decode: steps must be >= 1, got {steps}")
-  model = MiniGPT(cfg)
-  pick = lambda t, logits_BV, done_B: next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
-
-  def step(carry, t):
-    cache, tok_B, done_B = carry
-    logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
-    tok_B, done_B = pick(t, logits_B1V[:, 0], done_B)
-    return (cache, tok_B, done_B), tok_B
-
-  tok_B, done_B = pick(0, logits_BV, jnp.zeros(logits_BV.shape[:1], bool))
+  step = decode_step(params, cfg, key, sampling, stop_at_eos)
+  tok_B, done_B = next_token(key, 0, logits_BV, jnp.zeros(logits_BV.shape[:1], bool), sampling,
+                             stop_at_eos)
   tokens = [tok_B[:, None]]
   t = 1
   for slots, calls in decode_segments(cache.slots, steps - 1, segment):
@@ -120,6 +120,19 @@ def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: 
     t += calls
   return jnp.concatenate(tokens, axis=1), cache
 
+
+def decode_step(params, cfg: ModelConfig, key: jax.Array, sampling: SamplingConfig,
+                stop_at_eos: bool):
+  """The body of the decode loops: `step((cache, tokens [B], done [B]), t)` runs the model on
+  each row's last token and picks token t. Returns (the new carry, token t [B])."""
+  model = MiniGPT(cfg)
+
+  def step(carry, t):
+    cache, tok_B, done_B = carry
+    logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
+    tok_B, done_B = next_token(key, t, logits_B1V[:, 0], done_B, sampling, stop_at_eos)
+    return (cache, tok_B, done_B), tok_B
+  return step
 
 
 # --- the uncached reference ----------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Console progress and the metrics log (JSONL, one object per line)."""
+"""Console progress, the metrics log (JSONL, one object per line) and its TensorBoard copy."""
 
 import json
+import logging
 import math
 import pathlib
 import sys
@@ -19,15 +20,59 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
+class TensorBoardLog:
+  """The records of `MetricsLog` as TensorBoard event files in `folder`, when tensorboardX
+  (the optional extra "tensorboard") is installed; metrics.jsonl stays the source of truth."""
+
+  _noted = False  # the note that the writer is missing is logged once per process
+
+  def __init__(self, folder: pathlib.Path, enabled: bool = True):
+    self.writer = None
+    if not enabled:
+      return
+    try:
+      from tensorboardX import SummaryWriter  # optional: training never needs it
+    except ImportError:
+      if not TensorBoardLog._noted:
+        TensorBoardLog._noted = True
+        logging.info("no TensorBoard event files: tensorboardX is not installed "
+                     "(pip install -e '.[tensorboard]')")
+      return
+    self.writer = SummaryWriter(str(folder), flush_secs=30)
+
+  def write(self, record: dict) -> None:
+    if self.writer is None:
+      return
+    step, kind = record["step"], record["kind"]
+    for key, value in record.items():
+      if key not in ("step", "kind", "time", "tokens") and isinstance(value, (int, float)):
+        self.writer.add_scalar(f"{kind}/{key}", value, step, walltime=record.get("time"))
+    for i, text in enumerate(record.get("samples", ())):  # a code block keeps the indents
+      self.writer.add_text(f"samples/{i}", f"```\n{text}\n```", step)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
 def read_metrics(path: pathlib.Path) -> list[dict]:
-  """Reads a metrics JSONL; for repeated (kind, step) pairs, e.g. after a resume, the last wins."""
+  """Reads a metrics JSONL; for repeated (kind, step) pairs, e.g. after a resume, the last wins.
+
+  A line that is not a record (one cut short by a killed process or a full disk) is skipped
+  with a warning: the rest of the log stays usable.
+  """
   rows = {}
-  for i, line in enumerate(pathlib.Path(path).read_text().splitlines(), 1):
-    if line.strip():
+  for i, line in enumerate(pathlib.Path(path).read_text(errors="replace").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
       r = json.loads(line)
-      if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-        raise ValueError(f"line {i} is not a metrics record")
-      rows[(r.get("kind"), r.get("step"))] = r
+    except ValueError:
+      r = None
+    if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+      logging.warning("%s line %d is not a metrics record; skipped", path, i)
+      continue
+    rows[(r.get("kind"), r.get("step"))] = r
   return sorted(rows.values(), key=lambda r: (r.get("step", 0), r.get("kind", "")))
 
 
@@ -75,17 +120,30 @@ class Progress:
 
 
 class TrainReporter:
-  """Everything a training run tells the world: the progress bar, metrics.jsonl,
-  and the samples folder. Every process calls it; only the lead one writes."""
+  """Everything a training run tells the world: the progress bar, metrics.jsonl (and its
+  TensorBoard copy), and the samples folder. Every process calls it; only the lead one
+  writes."""
 
   def __init__(self, run_dir: pathlib.Path, lead: bool, start: int, total: int,
                tokens_per_step: int, mfu_fn):
     self.run_dir, self.lead = pathlib.Path(run_dir), lead
     self.tokens_per_step, self.mfu_fn = tokens_per_step, mfu_fn
     self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=lead)
+    self.tensorboard = TensorBoardLog(self.run_dir, enabled=lead)
     self.progress = Progress(start, total, enabled=lead)
     self.train_losses, self.val_losses = {}, {}
     self.restart_clock(start)
+
+  def write(self, record: dict) -> None:
+    self.log.write(record)
+    self.tensorboard.write(record)
+
+  def close(self) -> None:
+    """Ends the progress bar and flushes the event files (also after an error)."""
+    try:
+      self.progress.close()
+    finally:
+      self.tensorboard.close()
 
   def restart_clock(self, step: int) -> None:
     """Starts a new tokens/s interval (after evals and checkpoints, which are not training)."""
@@ -96,10 +154,10 @@ class TrainReporter:
     tok_s = (step - self.step_mark) * self.tokens_per_step / max(now - self.t_mark, 1e-9)
     self.t_mark, self.step_mark = now, step
     util = self.mfu_fn(tok_s)
-    self.log.write({"kind": "train", "step": step, "tokens": step * self.tokens_per_step,
-                    "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                    "lr": metrics.get("lr"), "tokens_per_s": tok_s, "mfu": util,
-                    "time": time.time()})
+    self.write({"kind": "train", "step": step, "tokens": step * self.tokens_per_step,
+                "loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                "lr": metrics.get("lr"), "tokens_per_s": tok_s, "mfu": util,
+                "time": time.time()})
     self.train_losses[step] = metrics["loss"]
     mfu_text = f" mfu {util:.1%}" if util is not None else ""
     self.progress.update(step, f"loss {metrics['loss']:.4f} | {tok_s:,.0f} tok/s{mfu_text}")
@@ -122,4 +180,4 @@ class TrainReporter:
       if self.lead:
         (self.run_dir / "samples").mkdir(exist_ok=True)
         (self.run_dir / "samples" / f"step_{step:07d}.txt").write_text(shown)
-    self.log.write(record)
+    self.write(record)

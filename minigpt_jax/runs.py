@@ -3,12 +3,13 @@
     checkpoints/<run>/config.json      the full config the run was started with
     checkpoints/<run>/tokenizer.json
     checkpoints/<run>/metrics.jsonl    appended by training
-    checkpoints/<run>/ckpt/<step>/     Orbax: items "params", "opt_state" and "meta"
+    checkpoints/<run>/ckpt/            Orbax checkpoints (`checkpoints`)
     checkpoints/<run>/.lock            held (flock) by the process training the run
 """
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -18,10 +19,9 @@ from typing import Optional
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
-from minigpt_jax import hardware, sharding
-from minigpt_jax.errors import UserError, first_line
+from minigpt_jax import checkpoints, hardware, sharding
+from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -30,57 +30,6 @@ RESUMABLE_CHANGES = ("workdir", "run_name", "data.dir", "data.rebuild", "train.s
                      "train.stop_at_step", "train.log_every", "train.eval_every",
                      "train.eval_batches", "train.ckpt_every", "train.keep",
                      "train.debug_recompiles", "sample", "mesh")
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-def manager(run_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
-  """The manager training saves with: it keeps the last `keep` checkpoints."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
-
-
-@contextlib.contextmanager
-def reader(run_dir: pathlib.Path):
-  """A manager that only reads (not Orbax's read_only option, which warns on every use),
-  closed on leaving the block."""
-  options = ocp.CheckpointManagerOptions(create=False)
-  mngr = ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
-  try:
-    yield mngr
-  finally:
-    mngr.close()
-
-
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
-  """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
-  carrying the target shardings, so a run saved on one mesh loads onto another; "meta": None
-  for the JSON metadata)."""
-  args = {k: ocp.args.JsonRestore() if k == "meta" else ocp.args.StandardRestore(v)
-          for k, v in abstract.items()}
-  try:
-    return dict(mngr.restore(step, args=ocp.args.Composite(**args)))
-  except Exception as e:  # Orbax raises many types for a damaged checkpoint
-    raise UserError(f"cannot restore checkpoint step {step} in {mngr.directory}: {first_line(e)}")
-
-
-def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tuple[int, str]]:
-  """(step, sha256 of the train split it was trained on) for checkpoint `step` (default: the
-  latest); None for a run without checkpoints. Orbax synchronises all processes when it
-  opens checkpoints: in a multi-process run, every process must call this."""
-  if not (pathlib.Path(run_dir) / "ckpt").is_dir():
-    return None
-  with reader(run_dir) as mngr:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      return None
-    return step, restore(mngr, step, {"meta": None})["meta"].get("corpus_sha256", "")
 
 
 # --- the run's own files --------------------------------------------------------------------
@@ -108,12 +57,36 @@ def check_resumable(run_dir: pathlib.Path, config: ml_collections.ConfigDict) ->
                     "own config or pick another --config.run_name")
 
 
+def _symlink_refused(path: pathlib.Path) -> UserError:
+  return UserError(f"{path} is a symlink; training writes only plain files of its own there "
+                   "(remove the link, or pick another --config.run_name)")
+
+
+def _open_no_follow(path: pathlib.Path, flags: int, mode: str):
+  """`open` that refuses a symlink: a planted one would make training overwrite its target."""
+  try:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise _symlink_refused(path)
+    raise
+  return os.fdopen(fd, mode)
+
+
 def write_run_files(run_dir: pathlib.Path, config, tok: CharTokenizer) -> None:
   """config.json (with data.dir made absolute, so evaluate finds the corpus) and tokenizer.json."""
   saved = config.copy_and_resolve_references()
   saved.data.dir = str(pathlib.Path(config.data.dir).absolute())
-  (run_dir / "config.json").write_text(saved.to_json(indent=1))
-  (run_dir / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
+  texts = {"config.json": saved.to_json(indent=1), "tokenizer.json": json.dumps(tok.to_dict())}
+  for name in texts:  # refused before either is written
+    if (run_dir / name).is_symlink():
+      raise _symlink_refused(run_dir / name)
+  for name, text in texts.items():
+    try:
+      with _open_no_follow(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
+        f.write(text)
+    except OSError as e:
+      raise UserError(f"cannot write {run_dir / name}: {e.strerror or e}")
 
 
 def read_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -132,6 +105,31 @@ def read_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   if missing:
     raise UserError(f"{path} is damaged: no {', '.join(missing)} section")
   return config
+
+
+# What sampling and evaluation read from a run's config.json besides the model section
+# (ModelConfig checks that one), with what each must be.
+_READ_FIELDS = {
+    "train.batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "data.dir": (lambda v: isinstance(v, str) and v != "", "a folder path"),
+    "data.name": (lambda v: isinstance(v, str) and v != "", "a folder name"),
+    "data.max_file_chars": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+  """Refuses a config.json (at `path`) whose fields that readers use are missing or wrong."""
+  for name, (valid, what) in _READ_FIELDS.items():
+    section, field = name.split(".")
+    if field not in config[section]:
+      raise UserError(f"{path} is damaged: it has no {name}")
+    if not valid(config[section][field]):
+      raise UserError(f"{path} is damaged: {name} must be {what}, got "
+                      f"{config[section][field]!r}")
 
 
 def read_tokenizer(run_dir: pathlib.Path) -> CharTokenizer:
@@ -156,7 +154,7 @@ def lock_run_dir(run_dir: pathlib.Path):
   for _ in range(3):  # again if a failed run removed the folder meanwhile
     try:
       run_dir.mkdir(parents=True, exist_ok=True)
-      f = open(path, "a+")
+      f = _open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+")  # as open(path, "a+")
     except FileNotFoundError:
       continue
     except OSError as e:
@@ -229,6 +227,12 @@ def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
   Returns (run directory, step): `step` if given, else the one named by the path, else the
   latest.
   """
+  run_dir, chosen = _locate(path, step)
+  return run_dir, chosen if chosen is not None else checkpoints.list_steps(run_dir)[-1]
+
+
+def _locate(path: str, step: Optional[int]) -> tuple[pathlib.Path, Optional[int]]:
+  """`locate`, with None for a step neither given nor named by the path."""
   p = pathlib.Path(path)
   if not p.exists():
     raise UserError(f"checkpoint path {path} does not exist")
@@ -240,13 +244,12 @@ def locate(path: str, step: Optional[int] = None) -> tuple[pathlib.Path, int]:
     run_dir, named = p, None
   if not (run_dir / "ckpt").is_dir():
     raise UserError(f"{path} holds no checkpoints (expected {run_dir / 'ckpt'}/<step>/)")
-  with reader(run_dir) as mngr:
-    steps = mngr.all_steps()
+  steps = checkpoints.list_steps(run_dir)
   if not steps:
     raise UserError(f"{run_dir} holds no checkpoints yet")
-  chosen = step if step is not None else named if named is not None else max(steps)
-  if chosen not in steps:
-    raise UserError(f"no checkpoint for step {chosen} in {run_dir} (have {sorted(steps)})")
+  chosen = step if step is not None else named
+  if chosen is not None and chosen not in steps:
+    raise UserError(f"no checkpoint for step {chosen} in {run_dir} (have {steps})")
   return run_dir, chosen
 
 
@@ -266,11 +269,14 @@ def load_for_inference(path: str, step: Optional[int] = None,
                        compute_dtype: Optional[str] = None) -> LoadedRun:
   """Loads a checkpoint's parameters onto the default device for sampling or evaluation.
 
-  The compute dtype is resolved for this machine ("auto") unless given; so is the attention
-  kernel, always (a run trained with cuDNN attention on a GPU still loads on a CPU).
+  The step is `step`, else the one `path` names, else the newest intact one (see
+  `restore_newest`). The compute dtype is resolved for this machine ("auto") unless given;
+  so is the attention kernel, always (a run trained with cuDNN attention on a GPU still
+  loads on a CPU).
   """
-  run_dir, step = locate(path, step)
+  run_dir, step = _locate(path, step)
   config = read_config(run_dir)
+  check_readable(config, run_dir / "config.json")
   tok = read_tokenizer(run_dir)
   section = dict(config.model, attention_impl="auto")
   if compute_dtype:
@@ -279,9 +285,8 @@ def load_for_inference(path: str, step: Optional[int] = None,
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = sharding.with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-  with reader(run_dir) as mngr:
-    params = restore(mngr, step, {"params": abstract})["params"]
-  return LoadedRun(params, cfg, tok, config, step, run_dir)
+  step, got = checkpoints.restore_newest(run_dir, {"params": abstract}, step)  # newest intact by default
+  return LoadedRun(got["params"], cfg, tok, config, step, run_dir)
 
 
 def most_recent(workdir: str = "checkpoints") -> str:

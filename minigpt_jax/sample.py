@@ -10,7 +10,7 @@ import time
 
 from absl import flags
 
-from minigpt_jax import cli
+from minigpt_jax import cli, errors
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 
@@ -32,6 +32,12 @@ _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Rerun the full forward pass ea
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "End a sample at <eos> (end of file).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: auto).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the characters as they are produced (the same "
+                            "text; several samples are printed one after another).")
+_INTERACTIVE = flags.DEFINE_bool(
+    "interactive", False, "Read prompts from stdin and stream each continuation: a line ending "
+    "in \\ continues the prompt; an empty line or Ctrl-D exits. --max_new_tokens defaults to "
+    "half the context.")
 
 
 def read_prompts() -> list[str]:
@@ -44,11 +50,36 @@ def read_prompts() -> list[str]:
   return prompts or ["def "]
 
 
+def check_streaming_flags() -> None:
+  mode = "--interactive" if _INTERACTIVE.value else "--stream" if _STREAM.value else None
+  if mode and _JSON.value:
+    raise UserError(f"{mode} prints text as it is produced; drop --json")
+  if mode and _NO_CACHE.value:
+    raise UserError(f"{mode} decodes with the KV cache; drop --no_cache")
+  if _INTERACTIVE.value and (_PROMPT.value or _PROMPT_FILE.value):
+    raise UserError("--interactive reads its prompts from stdin; drop --prompt and --prompt_file")
+  if _INTERACTIVE.value and _NUM.value != 1:
+    raise UserError("--interactive answers each prompt once; drop --num_samples")
+
+
+def interactive_session(run, sampling) -> None:
+  from minigpt_jax import interactive
+  max_new = _MAX_NEW.value
+  if not flags.FLAGS["max_new_tokens"].present:  # prompts are not known yet: half the context
+    max_new = interactive.default_new_tokens(run.model_cfg.context_len)
+  with errors.out_of_memory_names("--max_new_tokens"):
+    interactive.loop(run, max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
+                     stop_at_eos=_STOP.value, tty=sys.stdin.isatty())
+
+
 def main(_):
   if _NUM.value < 1:
     raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
+  cli.check_seed(_SEED.value)
+  check_streaming_flags()
   prompts = read_prompts()
-  from minigpt_jax import generate, prompts as prompts_lib, runs  # after flag parsing: fast --help
+  # after flag parsing: fast --help
+  from minigpt_jax import generate, interactive, prompts as prompts_lib, runs, streaming
   try:
     sampling = generate.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
                                        top_p=_TOP_P.value, greedy=_GREEDY.value)
@@ -58,14 +89,24 @@ def main(_):
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
   run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
+  if _INTERACTIVE.value:
+    return interactive_session(run, sampling)
   rows = [p for p in prompts for _ in range(_NUM.value)]
   max_new = _MAX_NEW.value
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
     max_new = prompts_lib.fit_new_tokens(max_new, map(len, prompts), run.model_cfg.context_len)
   t0 = time.perf_counter()
-  texts = generate.generate_text(
-      run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new, sampling=sampling,
-      seed=_SEED.value, use_cache=not _NO_CACHE.value, stop_at_eos=_STOP.value)
+  with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
+    if _STREAM.value:
+      pieces = streaming.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
+                                    max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
+                                    stop_at_eos=_STOP.value)
+      texts = interactive.write_stream(pieces, rows, _NUM.value)
+    else:
+      texts = generate.generate_text(
+          run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new,
+          sampling=sampling, seed=_SEED.value, use_cache=not _NO_CACHE.value,
+          stop_at_eos=_STOP.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
     print(json.dumps({"checkpoint": path, "step": run.step, "seed": _SEED.value,
@@ -73,7 +114,8 @@ def main(_):
                       "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                                   for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
-  for i, (p, t) in enumerate(zip(rows, texts)):
+  # streamed texts are on the screen already
+  for i, (p, t) in enumerate(zip(rows, [] if _STREAM.value else texts)):
     if len(rows) > 1:
       print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
     sys.stdout.write(p + t + "\n")

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax import data, generate, runs, sharding, syntax
+from minigpt_jax import checkpoints, data, generate, runs, sharding, syntax
 from minigpt_jax.config import base_config
-from minigpt_jax.errors import UserError
+from minigpt_jax.errors import UserError, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig
 from minigpt_jax.prompts import room_after_prompt
@@ -82,21 +82,29 @@ def encode_folder(folder: str, tok: CharTokenizer,
                   max_file_chars: int = 0) -> tuple[np.ndarray, int]:
   """Encodes the .py files under `folder` as `data.build_corpus` does, writing nothing.
 
-  Files are walked in sorted order (skipping `data.SKIP_DIRS`), each taken or left out by
-  `data.encode_file` (pass the run's `data.max_file_chars`), and each followed by `<eos>`.
-  Returns (uint8 ids, number of files).
+  Files are walked in sorted order (skipping `data.SKIP_DIRS`), each taken once (by resolved
+  path) or left out by `data.encode_file` (pass the run's `data.max_file_chars`), and each
+  followed by `<eos>`. Returns (uint8 ids, number of files).
   """
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
     raise UserError(f"--extra_corpus {folder!r} is not a directory")
-  parts, n_files = [], 0
+  parts, n_files, skipped, seen = [], 0, {}, set()
   for path in data.python_files(root):
-    ids, _, _, skip = data.encode_file(path, tok, max_file_chars)
-    if not skip:
-      parts += [ids, np.array([EOS_ID], np.uint8)]
-      n_files += 1
-  if not parts:
-    raise UserError(f"--extra_corpus {folder!r} holds no non-empty .py files")
+    ids, skip = None, "duplicate"
+    if data.first_sighting(path, seen):
+      ids, _, _, skip = data.encode_file(path, tok, max_file_chars)
+    if skip:
+      skipped[skip] = skipped.get(skip, 0) + 1
+      continue
+    parts += [ids, np.array([EOS_ID], np.uint8)]
+    n_files += 1
+  if not parts:  # say what was there: a cap too low reads differently from an empty folder
+    n = sum(skipped.values())
+    found = (f"{n} .py file{'s' * (n != 1)}: {data.skipped_summary(skipped, max_file_chars)}"
+             if n else "no .py files")
+    raise UserError(f"--extra_corpus {folder!r} holds no non-empty .py files to score "
+                    f"(found {found})")
   return np.concatenate(parts), n_files
 
 
@@ -178,20 +186,22 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   t0 = time.perf_counter()
   splits, manifest = data.load_corpus(data_cfg, run.tokenizer, log=log, build=False)
   corpus = pathlib.Path(data_cfg.dir) / data_cfg.name
-  if runs.trained_on(run.run_dir, run.step)[1] != manifest["splits"]["train"]["sha256"]:
+  if checkpoints.trained_on(run.run_dir, run.step)[1] != manifest["splits"]["train"]["sha256"]:
     raise UserError(f"{corpus} is not the corpus step {run.step} was trained on (rebuilt "
                     "since?): its val split may hold text the model trained on. Only the same "
                     f"sources with the data settings in {run.run_dir / 'config.json'} rebuild it")
-  out = {"run_dir": str(run.run_dir), "step": run.step, "batch_size": batch_size,
-         "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype,
-         "attention_impl": cfg.attention_impl,
-         "val": {"corpus": str(corpus), **split_loss(run.params, cfg, splits["val"], batch_size)},
-         "extra_corpora": {folder: {"files": n_files, **split_loss(run.params, cfg, ids, batch_size)}
-                           for folder, (ids, n_files) in corpora.items()},
-         "loss_seconds": time.perf_counter() - t0}
+  with out_of_memory_names("--batch_size"):
+    out = {"run_dir": str(run.run_dir), "step": run.step, "batch_size": batch_size,
+           "context_len": cfg.context_len, "compute_dtype": cfg.compute_dtype,
+           "attention_impl": cfg.attention_impl,
+           "val": {"corpus": str(corpus), **split_loss(run.params, cfg, splits["val"], batch_size)},
+           "extra_corpora": {folder: {"files": n, **split_loss(run.params, cfg, ids, batch_size)}
+                             for folder, (ids, n) in corpora.items()},
+           "loss_seconds": time.perf_counter() - t0}
   if num_samples:
     t0 = time.perf_counter()
-    out["syntax"] = syntax_report(run, num_samples, max_new_tokens, seed, log)
+    with out_of_memory_names("--num_samples (or --max_new_tokens)"):
+      out["syntax"] = syntax_report(run, num_samples, max_new_tokens, seed, log)
     out["syntax_seconds"] = time.perf_counter() - t0
   return out
 
@@ -238,8 +248,12 @@ def format_report(out: dict) -> str:
 def write_report(out: dict, json_out: str | None = None) -> pathlib.Path:
   """Writes the result as JSON (default: <run_dir>/eval_step<step>.json)."""
   path = pathlib.Path(json_out or pathlib.Path(out["run_dir"]) / f"eval_step{out['step']}.json")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+  except OSError as e:  # e.g. a full disk; the evaluate command checks the path beforehand
+    raise UserError(f"cannot write the report {path}: {e.strerror or e}; give another "
+                    "--json_out PATH")
   return path
 
 

@@ -1,5 +1,6 @@
 """Character tokenizer over printable ASCII, newline and tab, plus <pad> and <eos>."""
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -97,8 +98,28 @@ class CharTokenizer:
 
   @classmethod
   def from_dict(cls, d: dict) -> "CharTokenizer":
+    """The tokenizer `d` (a run's tokenizer.json) describes: it must be this code's, id for
+    id, since the checkpoint's embeddings are indexed by those ids."""
     chars = d.get("chars")
-    if (d.get("kind") != "char" or d.get("specials") != [PAD, EOS] or not isinstance(chars, str)
-        or not chars.isascii() or len(set(chars)) != len(chars)):
+    if d.get("kind") != "char" or d.get("specials") != [PAD, EOS] or not isinstance(chars, str):
       raise UserError(f"unsupported tokenizer description: {d!r:.80}")
-    return cls(chars=chars)
+    if chars != CHARS:
+      raise UserError(f"unsupported tokenizer description: its vocabulary is not this code's "
+                      f"({_difference(chars)}); ids would decode to the wrong characters")
+    return cls()
+
+
+def _difference(chars: str) -> str:
+  """What sets `chars` apart from CHARS, for a one-line error."""
+  shown = lambda cs: " ".join(repr(c) for c in sorted(cs)[:5]) + (" ..." if len(cs) > 5 else "")
+  control = {c for c in chars if not c.isprintable() and c not in "\t\n"}
+  if control:
+    return f"control characters {shown(control)}"
+  extra, missing = set(chars) - set(CHARS), set(CHARS) - set(chars)
+  repeated = {c for c, n in collections.Counter(chars).items() if n > 1}
+  parts = [f"{what} {shown(cs)}" for what, cs in
+           (("extra", extra), ("missing", missing), ("repeated", repeated)) if cs]
+  if parts:
+    return ", ".join(parts)
+  i = next(i for i, (a, b) in enumerate(zip(chars, CHARS)) if a != b)
+  return f"the same characters in another order: id {i + 2} is {chars[i]!r}, not {CHARS[i]!r}"

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from minigpt_jax import config as config_lib
-from minigpt_jax import data, hardware, report, runs, scoring, sharding, train_step
-from minigpt_jax.errors import UserError
+from minigpt_jax import checkpoints, data, preemption, hardware, report, runs, scoring, sharding, train_step
+from minigpt_jax.errors import UserError, first_line, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig, flops_per_token, param_count
 from minigpt_jax.prompts import fit_new_tokens
@@ -37,54 +37,106 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     sharding.initialize_distributed(config.mesh)
   run_dir = pathlib.Path(config.workdir) / config.run_name
   say = log if jax.process_index() == 0 else (lambda *_: None)
-  with runs.training_lock(run_dir):
-    start, splits, train_sha256 = prepare_corpus(config, run_dir, say)
+  with runs.training_lock(run_dir), preemption.stop_on_sigterm(config.train.log_every) as stop:
+    start, source, splits, train_sha256 = prepare_corpus(config, run_dir, say)
     cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
     mesh = check_fits(config, cfg, splits)
-    state, tx, state_sh = init_or_restore(config, cfg, mesh, run_dir, start, say)
+    state, tx, state_sh = init_or_restore(config, cfg, mesh, run_dir, start, say, source)
     end = min(config.train.steps, config.train.stop_at_step or config.train.steps)
-    mngr = runs.manager(run_dir, keep=config.train.keep)
+    mngr = checkpoints.manager(run_dir, keep=config.train.keep)
     reporter = report.TrainReporter(run_dir, jax.process_index() == 0, start or 0,
                                     config.train.steps, config.train.batch_size * cfg.context_len,
                                     mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s))
     hooks = Hooks(config, cfg, mesh, reporter, mngr, sharding.put_replicated(mesh, splits["val"]),
-                  train_sha256)
+                  train_sha256, stop)
     step_fn = train_step.jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
     try:
-      step = loop(state, step_fn, sharding.put_replicated(mesh, splits["train"]), start or 0,
-                  end, config.train, hooks)
+      with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
+        step = loop(state, step_fn, sharding.put_replicated(mesh, splits["train"]), start or 0,
+                    end, config.train, hooks)
     finally:  # also on errors: finish the checkpoint being written, never leave it half-done
-      mngr.wait_until_finished()
-      mngr.close()
-      reporter.progress.close()
+      try:
+        hooks.finish_saves()
+      finally:
+        mngr.close()
+        reporter.close()
   say(finished_message(config, run_dir, start or 0, step))
   return RunSummary(run_dir, start or 0, step, reporter.train_losses, reporter.val_losses)
 
 
 def prepare_corpus(config, run_dir: pathlib.Path, say):
-  """The step to resume from (None: a new run), the corpus splits and the train split's sha256.
+  """The step to resume from (None: a new run), the checkpoint a new run fine-tunes
+  (`finetune_source`; None: none), the corpus splits and the train split's sha256.
 
   Checkpoints record the train split they were trained on: a resume must load that corpus,
   and preparing the corpus (a rebuild, or one deleted) must not write another in its place.
+  A resumed fine-tune run restores its own checkpoints: its source is not read again.
   """
-  start, trained_sha256 = runs.trained_on(run_dir) or (None, None)
+  start, trained_sha256 = checkpoints.trained_on(run_dir) or (None, None)
+  source = None
   if start is not None:  # a changed setting is named before any corpus work
-    runs.check_resumable(run_dir, config)
+    runs.check_resumable(run_dir, as_saved_before_added_fields(config, run_dir))
+  elif config.init_from:  # and so is a model that cannot load
+    source = finetune_source(config)
   splits, manifest = data.load_corpus_everywhere(config.data, CharTokenizer(), say,
                                                  keep_train_sha256=trained_sha256)
   sha256 = manifest["splits"]["train"]["sha256"]
   if start is not None and trained_sha256 != sha256:
     raise UserError(f"the train corpus differs from the one step {start} of {run_dir} was "
                     "trained on; resume with that corpus, or start a new --run_name")
-  return start, splits, sha256
+  return start, source, splits, sha256
+
+
+# Fields added to the config after runs were saved without them, with their defaults.
+ADDED_FIELDS = {"init_from": "", "init_from_step": 0}
+
+
+def as_saved_before_added_fields(config, run_dir: pathlib.Path):
+  """`config` less the ADDED_FIELDS that `run_dir`'s config.json lacks, where they hold their
+  defaults: a run saved before they existed resumes as before (its config did not use them)."""
+  saved = runs.read_config(run_dir)
+  absent = [k for k, v in ADDED_FIELDS.items() if k not in saved and config.get(k) == v]
+  if not absent:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  for k in absent:
+    del config[k]
+  return config
+
+
+# The model fields a fine-tune must share with its source: they fix the parameters' shapes
+# and what they mean (n_heads splits the same kernels into heads). The compute dtype and the
+# attention kernel may change: parameters are float32 either way.
+SAME_AS_SOURCE = ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple")
+
+
+def finetune_source(config) -> tuple[pathlib.Path, int]:
+  """(run directory, step) of the checkpoint `config.init_from` names, at
+  `config.init_from_step` (0: the latest), once its model and tokenizer are known to be
+  `config`'s. Only reads the source run."""
+  try:
+    src_dir, step = runs.locate(config.init_from, config.init_from_step or None)
+    runs.read_tokenizer(src_dir)  # refuses any but this code's
+    saved = runs.read_config(src_dir).model
+  except UserError as e:
+    raise UserError(f"cannot fine-tune from {config.init_from}: {e}") from None
+  for name in SAME_AS_SOURCE:
+    if saved.get(name) != config.model[name]:
+      raise UserError(f"cannot fine-tune from {src_dir} step {step}: model.{name} is "
+                      f"{config.model[name]!r} here but {saved.get(name)!r} in its config.json; "
+                      f"a fine-tune keeps the model (drop --config.model.{name})")
+  return src_dir, step
 
 
 def check_fits(config, cfg: ModelConfig, splits: dict):
   """The mesh, once the splits are known to hold a window and the batch to divide over it."""
   for s in data.SPLITS:
     if splits[s].size <= cfg.context_len + 1:
-      raise UserError(f"the {s} split has {splits[s].size} tokens, fewer than one window of "
-                      f"{cfg.context_len + 1}; add sources or lower model.context_len")
+      more = ("raise data.val_fraction (now {}) to hold out more files" if s == "val" else
+              "lower data.val_fraction (now {})").format(config.data.val_fraction)
+      raise UserError(f"the {s} split has {splits[s].size} chars, but a window of "
+                      f"model.context_len {cfg.context_len} needs at least "
+                      f"{cfg.context_len + 2}: add sources, {more}, or lower model.context_len")
   mesh = sharding.make_mesh(config.mesh)
   if config.train.batch_size % mesh.size:
     raise UserError(f"train.batch_size {config.train.batch_size} is not divisible by the "
@@ -92,8 +144,10 @@ def check_fits(config, cfg: ModelConfig, splits: dict):
   return mesh
 
 
-def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start, say):
-  """A new run's state (and its config.json and tokenizer.json), or the state of
+def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start, say,
+                    source=None):
+  """A new run's state (and its config.json and tokenizer.json): fresh, or with the
+  parameters of checkpoint `source` (run directory, step) to fine-tune; or the state of
   checkpoint `start`, laid out on `mesh`. Returns (state, optimizer, state shardings)."""
   run_dir.mkdir(parents=True, exist_ok=True)
   sharding.sync_processes("run dir checked")  # before the lead writes config.json
@@ -101,10 +155,11 @@ def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start
   if start is None:
     if jax.process_index() == 0:
       runs.write_run_files(run_dir, config, CharTokenizer())
-    state = train_step.fresh_state(config, cfg, tx, state_sh)
+    state = (train_step.fresh_state(config, cfg, tx, state_sh) if source is None else
+             finetune_state(source, tx, abstract, state_sh, say))
   else:
-    with runs.reader(run_dir) as mngr:
-      got = runs.restore(mngr, start, {
+    with checkpoints.reader(run_dir) as mngr:
+      got = checkpoints.restore(mngr, start, {
           "params": sharding.with_shardings(abstract.params, state_sh.params),
           "opt_state": sharding.with_shardings(abstract.opt_state, state_sh.opt_state)})
     state = train_step.TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
@@ -117,13 +172,28 @@ def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start
   return state, tx, state_sh
 
 
+def finetune_state(source: tuple[pathlib.Path, int], tx, abstract, state_sh,
+                   say) -> train_step.TrainState:
+  """Step 0 of a fine-tune: the parameters of checkpoint `source`, restored into this run's
+  shardings, and a fresh optimizer state (its schedule starts over too)."""
+  src_dir, step = source
+  with checkpoints.reader(src_dir) as mngr:
+    params = checkpoints.restore(mngr, step, {
+        "params": sharding.with_shardings(abstract.params, state_sh.params)})["params"]
+  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+  say(f"fine-tuning from {src_dir} step {step}: its parameters, a fresh optimizer")
+  return train_step.TrainState(jax.device_put(jnp.zeros((), jnp.int32), state_sh.step),
+                               params, opt_state)
+
+
 def loop(state, step_fn, train_N, start: int, end: int, every, hooks: "Hooks") -> int:
   """Steps from `start` to `end`; logs, checkpoints and evaluates as `every` (config.train)
-  says. Returns the last step."""
+  says, and stops with a checkpoint (raising Preempted) on SIGTERM. Returns the last step."""
   step, pending = start, None
   while step < end:
     state, metrics = step_fn(state, train_N)
     step += 1
+    hooks.check_saves()  # a failed background save stops training now, not at the next save
     if pending is not None:  # fetched one step late: the device never waits for the host
       hooks.train_metrics(*pending)
       pending = None
@@ -138,6 +208,8 @@ def loop(state, step_fn, train_N, start: int, end: int, every, hooks: "Hooks") -
       if due(every.eval_every):
         hooks.evaluate(step, state.params)
       hooks.reporter.restart_clock(step)  # evals and checkpoints are not training time
+    if step < end and hooks.stop.should_stop(step):
+      hooks.preempt(step, state, pending)
   return step
 
 
@@ -152,6 +224,8 @@ class Hooks:
   mngr: object  # the run's Orbax CheckpointManager
   val_N: jax.Array
   train_sha256: str
+  stop: preemption.StopFlag = dataclasses.field(default_factory=preemption.StopFlag)
+  saving: int | None = None  # the step of the save that may still be running
 
   @functools.cached_property
   def eval_fn(self):  # compiled once, at the first eval
@@ -170,8 +244,40 @@ class Hooks:
     self.reporter.train(step, metrics)
 
   def checkpoint(self, step: int, state) -> None:
-    runs.save(self.mngr, step, state.params, state.opt_state,
-              {"step": step, "corpus_sha256": self.train_sha256})
+    self.finish_saves()  # Orbax waits for it anyway; an error must name that save's step
+    self.saving = step
+    try:
+      checkpoints.save(self.mngr, step, state.params, state.opt_state,
+                {"step": step, "corpus_sha256": self.train_sha256})
+    except Exception as e:  # Orbax raises OSErrors and its own types alike
+      raise UserError(f"cannot save checkpoint step {step} in {self.mngr.directory}: "
+                      f"{first_line(e)}; training stopped") from e
+
+  def check_saves(self) -> None:
+    """Raises if the last (background) save has failed; never waits for one still running."""
+    if self.saving is not None and not self.mngr.is_saving_in_progress():
+      self.finish_saves()
+
+  def finish_saves(self) -> None:
+    """Waits for the last save; a failed one is a UserError naming its step and the cause."""
+    step, self.saving = self.saving, None
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:
+      last = self.mngr.latest_step()  # Orbax has forgotten the failed step by now
+      kept = ("no checkpoint is complete" if last is None else
+              f"step {last} is the last complete one")
+      raise UserError(f"saving checkpoint step {step} in {self.mngr.directory} failed: "
+                      f"{first_line(e)}; training stopped ({kept})") from e
+
+  def preempt(self, step: int, state, pending) -> None:
+    """Logs what is pending, saves step `step` (unless it was just saved) and raises Preempted."""
+    if pending is not None:
+      self.train_metrics(*pending)
+    if self.mngr.latest_step() != step:
+      self.checkpoint(step, state)
+    self.finish_saves()
+    raise preemption.Preempted(step)
 
   def evaluate(self, step: int, params) -> None:
     """Validation loss on part of the split, and samples (on every process: the params
@@ -181,11 +287,12 @@ class Hooks:
                                     t.eval_batches * t.batch_size)
     checked = None
     if s.num_samples > 0:
-      checked = scoring.sample_validity(
-          params, self.cfg, CharTokenizer(), [s.prompt] * s.num_samples,
-          max_new_tokens=fit_new_tokens(s.max_new_tokens, [len(s.prompt)], self.cfg.context_len),
-          sampling=SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
-          seed=step)
+      new_tokens = fit_new_tokens(s.max_new_tokens, [len(s.prompt)], self.cfg.context_len)
+      with out_of_memory_names("sample.num_samples (or sample.max_new_tokens)"):
+        checked = scoring.sample_validity(
+            params, self.cfg, CharTokenizer(), [s.prompt] * s.num_samples,
+            max_new_tokens=new_tokens, seed=step,
+            sampling=SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
     self.reporter.eval(step, val, checked)
 
 

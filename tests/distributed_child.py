@@ -1,5 +1,5 @@
 """The child process of test_distributed: trains the runs it is given, spies on what
-`runs.save` / `runs.restore` see (the live training arrays), and prints one JSON line.
+`checkpoints.save` / `checkpoints.restore` see (the live training arrays), and prints one JSON line.
 
   python tests/distributed_child.py '{"runs": [{config overrides}], ...}'
 
@@ -7,10 +7,10 @@ The number of CPU devices and the distributed runtime are fixed when JAX starts,
 multi-device case runs in a process of its own; the assertions live in test_distributed.
 """
 
-import json, os, sys
+import json, sys
 import jax, numpy as np
 from configs import tiny
-from minigpt_jax import hardware, runs, scoring, sharding, train_loop, train_step
+from minigpt_jax import checkpoints, hardware, runs, scoring, sharding, train_loop, train_step
 
 args = json.loads(sys.argv[1])
 out = {"devices": jax.device_count()} if not args.get("distributed") else {}
@@ -28,7 +28,7 @@ def dump(params, path):
   np.savez(path, **{k: np.asarray(jax.device_get(x)) for k, x in flat(params).items()})
 
 spied = {}
-save, restore = runs.save, runs.restore
+save, restore = checkpoints.save, checkpoints.restore
 def spy_save(mngr, step, params, opt_state, meta):
   spied.setdefault("saved", {})[step] = layout(params)
   if args.get("dump_saved_at") == step:
@@ -42,7 +42,7 @@ def spy_restore(mngr, step, abstract):
   if args.get("dump_restored_to"):
     dump(got["params"], args["dump_restored_to"])
   return got
-runs.save, runs.restore = spy_save, spy_restore
+checkpoints.save, checkpoints.restore = spy_save, spy_restore
 
 def config(overrides):
   c = tiny.get_config()

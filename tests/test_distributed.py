@@ -3,7 +3,7 @@
 Every multi-device case runs in a child process, because the number of CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count) and the distributed
 runtime are fixed when JAX starts. The children all run distributed_child.py, which
-trains, spies on what `runs.save` / `runs.restore` see, and prints one JSON line; the
+trains, spies on what `checkpoints.save` / `checkpoints.restore` see, and prints one JSON line; the
 assertions live here.
 """
 

@@ -8,7 +8,7 @@ import pytest
 from helpers import model_config
 from minigpt_jax import generate, prompts
 from minigpt_jax.errors import UserError
-from minigpt_jax.model import KVCache, MiniGPT, ModelConfig, init_params
+from minigpt_jax.model import KVCache, MiniGPT, init_params
 from minigpt_jax.generate import SamplingConfig, sample, top_k_filter, top_p_filter
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer, TokenizerError
 

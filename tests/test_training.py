@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from minigpt_jax import runs, train_loop, train_step
+from minigpt_jax import checkpoints, runs, train_loop, train_step
 from minigpt_jax.errors import UserError
 from helpers import model_config
 from minigpt_jax.model import init_params
@@ -63,12 +63,12 @@ def test_checkpoint_round_trip(tmp_path):
   cfg = model_config(context_len=8, d_model=16, n_layers=1, n_heads=2)
   params = init_params(cfg, jax.random.key(3))
   opt = {"mu": jnp.arange(5.0), "count": jnp.array(7)}
-  mngr = runs.manager(tmp_path)
-  runs.save(mngr, 12, params, opt, {"step": 12})
+  mngr = checkpoints.manager(tmp_path)
+  checkpoints.save(mngr, 12, params, opt, {"step": 12})
   mngr.wait_until_finished()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt_state": opt})
-  with runs.reader(tmp_path) as reader:
-    got = runs.restore(reader, 12, abstract)
+  with checkpoints.reader(tmp_path) as reader:
+    got = checkpoints.restore(reader, 12, abstract)
   jax.tree.map(np.testing.assert_array_equal, got["params"], params)
   jax.tree.map(np.testing.assert_array_equal, got["opt_state"], opt)
 

@@ -1,0 +1,305 @@
+"""A run's Orbax checkpoints: save, restore, and fall back past damaged ones.
+
+    <run>/ckpt/<step>/          items "params", "opt_state" and "meta"
+    <run>/ckpt/<step>.damaged/  a damaged checkpoint, set aside (never deleted)
+
+Training saves with `manager`; everything else reads with `reader`. A reader picks the
+newest step it can restore, retrying when training's retention removes one meanwhile.
+"""
+
+import contextlib
+import fcntl
+import gc
+import inspect
+import logging
+import os
+import pathlib
+import re
+import shutil
+import sys
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from minigpt_jax.errors import UserError, first_line
+
+DAMAGED = ".damaged"  # ckpt/<step> renamed ckpt/<step>.damaged: no longer a step to Orbax
+_TMP = ".orbax-checkpoint-tmp"  # in the name of a step Orbax began and never finished writing
+
+
+class _Gone(UserError):
+  """The checkpoint was removed (by training's retention) while it was being read."""
+
+
+class _Damaged(UserError):
+  """The checkpoint's files cannot be read back as they were saved."""
+
+
+class _Unrestorable(UserError):
+  """Orbax could not restore a checkpoint; `reason` is the bottom of its error chain."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+def manager(run_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
+  """The manager training saves with: it keeps the last `keep` checkpoints. Call it only
+  while holding the run's lock: it removes what killed saves left half-written."""
+  remove_stale_tmp(run_dir)
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
+
+
+def remove_stale_tmp(run_dir: pathlib.Path) -> None:
+  """Removes ckpt/<step>.orbax-checkpoint-tmp* folders: saves a crash or a kill interrupted.
+  Orbax never lists them nor removes them itself; only a process holding the lock may."""
+  if jax.process_index() != 0:  # one process removes them for all
+    return
+  try:
+    stale = [p for p in (pathlib.Path(run_dir) / "ckpt").iterdir() if _TMP in p.name]
+  except FileNotFoundError:
+    return
+  for p in stale:
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p, ignore_errors=True)
+    else:
+      p.unlink(missing_ok=True)
+
+
+def _open_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(create=False)
+  for _ in range(5):
+    try:
+      return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
+    except FileNotFoundError:  # a step deleted (retention) while Orbax was listing it: again
+      continue
+  raise UserError(f"cannot list the checkpoints of {run_dir}: they keep being removed")
+
+
+@contextlib.contextmanager
+def reader(run_dir: pathlib.Path):
+  """A manager that only reads (not Orbax's read_only option, which warns on every use),
+  closed on leaving the block."""
+  mngr = _open_manager(run_dir)
+  try:
+    yield mngr
+  finally:
+    mngr.close()
+
+
+def list_steps(run_dir: pathlib.Path) -> list[int]:
+  with reader(run_dir) as mngr:
+    return sorted(mngr.all_steps())
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
+  """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
+  carrying the target shardings, so a run saved on one mesh loads onto another; "meta": None
+  for the JSON metadata)."""
+  args = {k: ocp.args.JsonRestore() if k == "meta" else ocp.args.StandardRestore(v)
+          for k, v in abstract.items()}
+  return _restore(mngr, step, ocp.args.Composite(**args))
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> dict:
+  try:
+    return dict(mngr.restore(step, args=args))
+  except Exception as e:  # Orbax raises many types for a damaged checkpoint
+    _silence_abandoned_reads()  # before `e`, which holds the abandoned reads, is freed
+    reason = _cause(e)
+  gc.collect()  # the abandoned reads end now, not at some later point
+  raise _Unrestorable(f"cannot restore checkpoint step {step} in {mngr.directory}: {reason}",
+                      reason)
+
+
+def _cause(e: BaseException) -> str:
+  """One line for the exception at the bottom of `e`'s chain (Orbax's wrappers above it
+  add a cut-off TensorStore spec dump)."""
+  while True:
+    below = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if below is None:
+      break
+    e = below
+  kind = "" if type(e) in (Exception, ValueError) else f"{type(e).__name__}: "
+  return kind + first_line(e, limit=600)
+
+
+_silenced = False
+
+
+def _silence_abandoned_reads() -> None:
+  """Drops, for the rest of the process, what the reads abandoned by a failed restore print.
+
+  When one array fails to read, Orbax returns at once and closes its event loop, leaving
+  the other arrays' reads pending: they end later, from TensorStore's threads or when
+  collected, with hundreds of lines of "Event loop is closed", "Exception ignored in
+  <coroutine>" and "Task exception was never retrieved" that say nothing new. Later, not
+  just during the restore: hence for the rest of the process.
+  """
+  global _silenced
+  if _silenced:
+    return
+  _silenced = True
+  default_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    e, obj = unraisable.exc_value, unraisable.object
+    from_orbax = inspect.iscoroutine(obj) and "/orbax/" in obj.cr_code.co_filename
+    closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    if not (from_orbax or closed_loop):
+      default_hook(unraisable)
+
+  sys.unraisablehook = hook
+  # asyncio's "<Task|Future|_GatheringFuture> exception was never retrieved" and kin.
+  dropped = re.compile(r"\w+ exception was never retrieved|Task was destroyed but it is pending")
+  logging.getLogger("asyncio").addFilter(lambda r: not dropped.match(r.getMessage()))
+
+
+def _read_whole(run_dir: pathlib.Path, step: int, items: tuple[str, ...]) -> dict:
+  """Reads `items` of checkpoint `step` whole into host memory, in the layout they were
+  saved with (no target: any mesh); raises _Damaged if they cannot be read back."""
+  step_dir = pathlib.Path(run_dir).absolute() / "ckpt" / str(step)
+  where = f"cannot restore checkpoint step {step} in {step_dir.parent}: it is damaged"
+  args = {}
+  for k in items:
+    if k == "meta":
+      args[k] = ocp.args.JsonRestore()
+      continue
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(step_dir / k).tree
+    except Exception as e:  # a missing or unreadable _METADATA
+      raise _Damaged(f"{where} ({k}: {_cause(e)})")
+    finally:
+      handler.close()
+    host = ocp.RestoreArgs(restore_type=np.ndarray)
+    args[k] = ocp.args.PyTreeRestore(restore_args=jax.tree.map(lambda _: host, tree))
+  try:
+    with reader(run_dir) as mngr:
+      got = _restore(mngr, step, ocp.args.Composite(**args))
+  except _Unrestorable as e:
+    raise _Damaged(f"{where} ({e.reason})")
+  if "meta" in got and not isinstance(got["meta"], dict):
+    raise _Damaged(f"{where} (its metadata is not a JSON object)")
+  return got
+
+
+def _restore_step(run_dir: pathlib.Path, step: int, abstract: dict) -> dict:
+  """`restore` of one step, telling why it failed: _Gone (removed meanwhile), _Damaged
+  (unreadable as saved), else UserError (e.g. shapes other than config.json's)."""
+  try:
+    with reader(run_dir) as mngr:
+      return restore(mngr, step, abstract)
+  except UserError as e:
+    failure = e
+  if step not in list_steps(run_dir):
+    raise _Gone(f"checkpoint step {step} of {run_dir} was removed while it was being read")
+  _read_whole(run_dir, step, tuple(abstract))  # raises _Damaged if the files are at fault
+  raise failure
+
+
+def _being_trained(run_dir: pathlib.Path) -> bool:
+  """Whether a training process holds the run's lock (probed with a shared lock)."""
+  try:
+    fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+  except OSError:  # held, or no locks on this filesystem: assume the worst
+    return True
+  finally:
+    os.close(fd)
+
+
+def _set_aside(run_dir: pathlib.Path, step: int, why: str, holding_lock: bool) -> None:
+  """Renames damaged ckpt/<step> to ckpt/<step>.damaged (kept, no longer a step), so that
+  no one tries it again and a later save of that step does not collide with it."""
+  src = pathlib.Path(run_dir) / "ckpt" / str(step)
+  if jax.process_index() != 0:  # process 0 moves it (and says so) for all
+    return
+  if not holding_lock and _being_trained(run_dir):  # its retention must find it in place
+    logging.warning("%s (the damaged one is left in place: the run may be being trained)", why)
+    return
+  dst, n = src.with_name(f"{step}{DAMAGED}"), 1
+  while dst.exists() or dst.is_symlink():
+    dst, n = src.with_name(f"{step}{DAMAGED}-{n}"), n + 1
+  try:
+    os.rename(src, dst)
+  except OSError as e:
+    logging.warning("%s (it cannot be set aside: %s)", why, e.strerror or e)
+    return
+  logging.warning("%s; the damaged one is set aside as %s", why, dst)
+
+
+def _newest(run_dir: pathlib.Path, attempt, holding_lock: bool):
+  """(step, attempt(step)) for the newest step `attempt` succeeds on, skipping steps that
+  vanish (_Gone) or are damaged (_Damaged: set aside once an intact one is found, left in
+  place and named in the UserError raised if none is); None for a run without checkpoints."""
+  tried, damaged = set(), []
+  while steps := [s for s in list_steps(run_dir) if s not in tried]:
+    step = steps[-1]
+    tried.add(step)
+    try:
+      result = attempt(step)
+    except _Gone:
+      continue
+    except _Damaged as e:
+      damaged.append((step, str(e)))
+      continue
+    for bad, why in damaged:
+      _set_aside(run_dir, bad, f"{why}; taking step {step} instead", holding_lock)
+    return step, result
+  if damaged:
+    raise UserError(f"{damaged[0][1]}; no intact checkpoint to fall back on (tried steps "
+                    f"{sorted(tried)})")
+  return None
+
+
+def restore_newest(run_dir: pathlib.Path, abstract: dict,
+                   step: Optional[int] = None) -> tuple[int, dict]:
+  """(step, items) of checkpoint `step` (as `restore`), or by default of the newest intact
+  one: damaged ones are skipped with a warning (and set aside, unless a training holds the
+  run), and so are ones training's retention removes meanwhile. A reader: it never deletes
+  anything."""
+  if step is not None:
+    return step, _restore_step(run_dir, step, abstract)
+  found = _newest(run_dir, lambda s: _restore_step(run_dir, s, abstract), holding_lock=False)
+  if found is None:
+    raise UserError(f"{run_dir} holds no checkpoints yet")
+  return found
+
+
+def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tuple[int, str]]:
+  """(step, sha256 of the train split it was trained on) for checkpoint `step`; None for a
+  run without checkpoints. By default the newest intact step, for training to resume from:
+  it reads the whole checkpoint (once more than the resume does, the price of knowing it is
+  intact) and sets damaged ones aside, so call it only holding the run's lock. Orbax
+  synchronises all processes when it opens checkpoints: every process must call this."""
+  run_dir = pathlib.Path(run_dir)
+  if not (run_dir / "ckpt").is_dir():
+    return None
+  if step is None:
+    found = _newest(run_dir, lambda s: _read_whole(run_dir, s, ("params", "opt_state", "meta")),
+                    holding_lock=True)
+    if found is None:
+      return None
+    step, got = found
+  else:
+    with reader(run_dir) as mngr:
+      got = restore(mngr, step, {"meta": None})
+    if not isinstance(got["meta"], dict):
+      raise UserError(f"cannot restore checkpoint step {step} in {run_dir / 'ckpt'}: it is "
+                      "damaged (its metadata is not a JSON object)")
+  return step, got["meta"].get("corpus_sha256", "")

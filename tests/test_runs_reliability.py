@@ -1,0 +1,309 @@
+"""The run directory under damage: broken or vanishing checkpoints, planted symlinks,
+malformed metadata and the leftovers of a crashed save."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import orbax.checkpoint as ocp
+import pytest
+
+from helpers import REPO, ok, one_line_error, run_module, tiny_config_in
+from minigpt_jax import checkpoints, runs, tokenizer, train_loop
+from minigpt_jax.errors import UserError
+from minigpt_jax.tokenizer import CharTokenizer
+
+# What abandoned asynchronous Orbax/TensorStore reads print when nobody drains them.
+NOISE = ("Traceback", "Task exception", "Future exception", "Exception ignored",
+         "Event loop is closed", "<bound method")
+
+
+def quiet(*_):
+  pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus_dir):
+  """A tiny run with checkpoints at steps 10 and 20 (trained once; tests copy it)."""
+  root = tmp_path_factory.mktemp("trained")
+  c = tiny_config_in(root, corpus_dir)
+  c.train.steps, c.train.ckpt_every, c.sample.num_samples = 20, 10, 0
+  train_loop.train(c, log=quiet)
+  return root, c
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+  """(config, run directory): a private copy of `trained`'s run (its corpus is shared)."""
+  root, c = trained
+  c = c.copy_and_resolve_references()
+  c.workdir = str(tmp_path / "runs")
+  run_dir = tmp_path / "runs" / c.run_name
+  shutil.copytree(root / "runs" / c.run_name, run_dir)
+  return c, run_dir
+
+
+def damage(run_dir: pathlib.Path, step: int) -> None:
+  """As the hostile tester did: truncate the parameter data files of checkpoint `step`."""
+  files = list((run_dir / "ckpt" / str(step) / "params" / "ocdbt.process_0" / "d").iterdir())
+  assert files
+  for f in files:
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def steps_of(run_dir: pathlib.Path) -> list[int]:
+  with checkpoints.reader(run_dir) as mngr:
+    return mngr.all_steps()
+
+
+def assert_quiet(stderr: str) -> None:
+  for noise in NOISE:
+    assert noise not in stderr, stderr[-3000:]
+
+
+# --- damaged checkpoints --------------------------------------------------------------------
+
+def test_a_resume_skips_a_damaged_checkpoint_and_sets_it_aside(run):
+  c, run_dir = run
+  damage(run_dir, 20)
+  summary = train_loop.train(c, log=quiet)
+  assert summary.first_step == 10 and summary.last_step == 20
+  assert (run_dir / "ckpt" / "20.damaged" / "params").is_dir()  # moved, not deleted
+  assert steps_of(run_dir) == [10, 20]  # the new step 20 did not collide with it
+
+
+def test_sampling_falls_back_past_a_damaged_checkpoint_with_a_clean_stderr(run):
+  _, run_dir = run
+  damage(run_dir, 20)
+  proc = ok(run_module("minigpt_jax.sample", "--checkpoint", str(run_dir),
+                       "--max_new_tokens", "4"))
+  assert "[step 10," in proc.stdout + proc.stderr  # the sampler's closing line
+  assert "step 20" in proc.stderr and "damaged" in proc.stderr  # the warning
+  assert_quiet(proc.stderr)
+  assert (run_dir / "ckpt" / "20.damaged").is_dir() and steps_of(run_dir) == [10]
+
+
+def test_an_explicitly_chosen_damaged_step_fails_with_one_clean_line(run):
+  _, run_dir = run
+  damage(run_dir, 20)
+  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir / "ckpt" / "20"))
+  one_line_error(proc, "step 20", "damaged")
+  assert_quiet(proc.stderr)
+  assert steps_of(run_dir) == [10, 20]  # asked for by name: reported, left where it is
+
+
+_LOAD_REPEATEDLY = """
+import sys
+from minigpt_jax import runs
+from minigpt_jax.errors import UserError
+for _ in range(8):  # each failed load abandons reads; their noise is random in timing
+  try:
+    runs.load_for_inference(sys.argv[1], step=20)
+  except UserError as e:
+    print("caught:", e, file=sys.stderr)
+"""
+
+
+def test_failed_restores_leave_no_asyncio_noise_behind(run):
+  _, run_dir = run
+  damage(run_dir, 20)
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _LOAD_REPEATEDLY, str(run_dir)], env=env,
+                        capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 8 and all(l.startswith("caught:") for l in lines), proc.stderr[-3000:]
+  assert_quiet(proc.stderr)
+
+
+def test_evaluate_falls_back_past_a_damaged_checkpoint(run):
+  _, run_dir = run
+  damage(run_dir, 20)
+  # The command names its report after the step it evaluated, not the damaged newest one.
+  proc = ok(run_module("minigpt_jax.evaluate", f"--checkpoint={run_dir}", "--num_samples=0"))
+  assert "eval_step10.json" in proc.stdout
+  assert sorted(p.name for p in run_dir.glob("eval_step*.json")) == ["eval_step10.json"]
+  assert json.loads((run_dir / "eval_step10.json").read_text())["step"] == 10
+
+
+def test_with_every_checkpoint_damaged_a_resume_names_the_newest_and_moves_none(run):
+  """Nothing to fall back on: nothing is moved (the run cannot be resumed, so no save can
+  collide with them), and the resume never starts afresh over the run."""
+  c, run_dir = run
+  damage(run_dir, 10)
+  damage(run_dir, 20)
+  for _ in range(2):
+    with pytest.raises(UserError, match="step 20 .*damaged.*no intact checkpoint"):
+      train_loop.train(c, log=quiet)
+  assert steps_of(run_dir) == [10, 20]
+  assert not list((run_dir / "ckpt").glob("*.damaged*"))
+
+
+def test_a_shape_mismatch_is_not_mistaken_for_damage(run):
+  """An edited config.json makes every restore fail; no checkpoint may be moved for that."""
+  _, run_dir = run
+  saved = json.loads((run_dir / "config.json").read_text())
+  saved["model"]["d_ff"] = 128
+  (run_dir / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(UserError, match="step 20"):
+    runs.load_for_inference(str(run_dir))
+  assert steps_of(run_dir) == [10, 20]
+
+
+# --- reading while training deletes old checkpoints -----------------------------------------
+
+def test_a_checkpoint_removed_between_listing_and_restoring_is_skipped(run, monkeypatch):
+  _, run_dir = run
+  real_restore = ocp.CheckpointManager.restore
+
+  def retention_strikes(self, step, *args, **kwargs):
+    if step == 20:  # the trainer's retention removes it just now
+      shutil.rmtree(run_dir / "ckpt" / "20", ignore_errors=True)
+    return real_restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", retention_strikes)
+  loaded = runs.load_for_inference(str(run_dir))
+  assert loaded.step == 10
+  assert not (run_dir / "ckpt" / "20.damaged").exists()  # gone, not damaged
+
+
+def test_a_step_vanishing_while_orbax_lists_the_steps_is_retried(run, monkeypatch):
+  _, run_dir = run
+  real_load = ocp.CheckpointManager._load_checkpoint_infos
+  calls = []
+
+  def listing_races(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:  # as Orbax raises when a listed step is deleted before its stat
+      raise FileNotFoundError(2, "No such file or directory", str(run_dir / "ckpt" / "20"))
+    return real_load(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "_load_checkpoint_infos", listing_races)
+  assert runs.load_for_inference(str(run_dir)).step == 20
+
+
+# --- planted symlinks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [".lock", "config.json", "tokenizer.json"])
+def test_a_planted_symlink_in_a_new_run_is_refused_and_its_target_kept(tiny_config, tmp_path,
+                                                                        name):
+  outside = tmp_path / "precious.txt"
+  outside.write_text("keep me\n")
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  run_dir.mkdir(parents=True)
+  (run_dir / name).symlink_to(outside)
+  tiny_config.train.steps, tiny_config.sample.num_samples = 2, 0
+  with pytest.raises(UserError, match="symlink"):
+    train_loop.train(tiny_config, log=quiet)
+  assert outside.read_text() == "keep me\n"
+  assert (run_dir / name).is_symlink()  # left for its owner to look at
+
+
+# --- malformed metadata ---------------------------------------------------------------------
+
+def edit_config(run_dir: pathlib.Path, section: str, field: str, value) -> None:
+  saved = json.loads((run_dir / "config.json").read_text())
+  if value is KeyError:
+    del saved[section][field]
+  else:
+    saved[section][field] = value
+  (run_dir / "config.json").write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("model", "n_layers", None), ("model", "compute_dtype", ["float32"]),
+    ("model", "d_model", KeyError)])
+def test_sample_names_a_malformed_model_field_in_one_line(run, section, field, value):
+  _, run_dir = run
+  edit_config(run_dir, section, field, value)
+  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir))
+  one_line_error(proc, f"model.{field}" if value is not KeyError else field)
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("train", "batch_size", None), ("train", "batch_size", "8"), ("train", "batch_size", KeyError),
+    ("data", "dir", None), ("data", "dir", KeyError), ("data", "name", 7),
+    ("data", "max_file_chars", "lots"), ("data", "max_file_chars", None)])
+def test_evaluate_names_a_malformed_field_the_run_records(run, section, field, value):
+  _, run_dir = run
+  edit_config(run_dir, section, field, value)
+  with pytest.raises(UserError, match=f"{section}.{field}"):
+    runs.load_for_inference(str(run_dir))
+
+
+def test_evaluate_cli_names_a_null_batch_size_in_one_line(run):
+  _, run_dir = run
+  edit_config(run_dir, "train", "batch_size", None)
+  proc = run_module("minigpt_jax.evaluate", "--checkpoint", str(run_dir), "--num_samples", "0")
+  one_line_error(proc, "train.batch_size")
+
+
+def write_meta(run_dir: pathlib.Path, step: int, meta) -> None:
+  (run_dir / "ckpt" / str(step) / "meta" / "metadata").write_text(json.dumps(meta))
+
+
+def test_checkpoint_metadata_that_is_not_an_object_is_refused_by_name(run):
+  _, run_dir = run
+  write_meta(run_dir, 20, ["step", 20])
+  with pytest.raises(UserError, match="step 20.*metadata"):
+    checkpoints.trained_on(run_dir, 20)
+
+
+def test_a_resume_skips_a_checkpoint_whose_metadata_is_not_an_object(run):
+  _, run_dir = run
+  write_meta(run_dir, 20, ["step", 20])
+  assert checkpoints.trained_on(run_dir)[0] == 10
+  assert (run_dir / "ckpt" / "20.damaged").is_dir()
+
+
+def test_sample_refuses_a_permuted_vocabulary_in_one_line(run):
+  _, run_dir = run
+  d = json.loads((run_dir / "tokenizer.json").read_text())
+  chars = list(d["chars"])
+  chars[30], chars[31] = chars[31], chars[30]  # same characters, two ids swapped
+  (run_dir / "tokenizer.json").write_text(json.dumps({**d, "chars": "".join(chars)}))
+  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir))
+  one_line_error(proc, "tokenizer", "id 32")
+
+
+@pytest.mark.parametrize("chars,fragment", [
+    (tokenizer.CHARS[:-1] + "\x00", "control"),
+    (tokenizer.CHARS[:-1], "missing '~'"),
+    (tokenizer.CHARS.replace("a", "\x07"), "control"),
+    (tokenizer.CHARS + "\x1b", "control")])
+def test_a_vocabulary_other_than_the_codes_is_refused_naming_the_difference(chars, fragment):
+  d = {**CharTokenizer().to_dict(), "chars": chars}
+  with pytest.raises(UserError, match="unsupported tokenizer description") as e:
+    CharTokenizer.from_dict(d)
+  assert fragment in str(e.value)
+
+
+# --- leftovers of a crashed save ------------------------------------------------------------
+
+def plant_stale_tmp(run_dir: pathlib.Path) -> list[pathlib.Path]:
+  """What a save killed midway leaves: Orbax's temporary step folders (both namings)."""
+  stale = [run_dir / "ckpt" / "25.orbax-checkpoint-tmp",
+           run_dir / "ckpt" / "26.orbax-checkpoint-tmp-1700000000"]
+  for p in stale:
+    (p / "params").mkdir(parents=True)
+    (p / "params" / "half_written").write_bytes(b"\0" * 100)
+  return stale
+
+
+def test_a_reader_leaves_stale_temporary_checkpoints_alone(run):
+  _, run_dir = run
+  stale = plant_stale_tmp(run_dir)
+  assert runs.load_for_inference(str(run_dir)).step == 20
+  assert all(p.is_dir() for p in stale)
+
+
+def test_training_removes_stale_temporary_checkpoints_when_it_starts(run):
+  c, run_dir = run
+  stale = plant_stale_tmp(run_dir)
+  c.train.steps = 30
+  assert train_loop.train(c, log=quiet).last_step == 30
+  assert not any(p.exists() for p in stale)
+  assert steps_of(run_dir) == [10, 20, 30]

@@ -1,0 +1,267 @@
+"""Training and the commands when things go wrong: preemption (SIGTERM), failed checkpoint
+saves, unwritable output paths, out-of-memory, out-of-range seeds, torn metrics lines."""
+
+import errno
+import json
+import logging
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+from helpers import REPO, ok, one_line_error, run_module, tiny_config_in, tiny_flags
+from minigpt_jax import checkpoints, curves, preemption, report, runs, scoring, train_loop, train_step
+from minigpt_jax.errors import UserError
+
+quiet = lambda *_: None
+TINY = str(REPO / "configs" / "tiny.py")
+NEVER = "--config.train.ckpt_every=1000000"  # only preemption (or the end) saves
+
+
+def _env():
+  return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+
+
+def _train_losses(run_dir: pathlib.Path) -> dict:
+  return {r["step"]: r["loss"] for r in report.read_metrics(run_dir / "metrics.jsonl")
+          if r["kind"] == "train"}
+
+
+def _wait_for_logged_steps(path: pathlib.Path, proc, n: int, timeout: float = 180) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and proc.poll() is None:
+    if path.exists() and len(path.read_text().splitlines()) >= n:
+      return
+    time.sleep(0.05)
+  ended = proc.poll() is not None
+  raise AssertionError(f"no {n} logged steps in {path}; "
+                       + (f"exit {proc.returncode}: {proc.stderr.read()[-3000:]}" if ended else
+                          "timed out"))
+
+
+def run_patched(module: str, patch: str, *args: str, timeout: int = 240):
+  """`python -m module args` with `patch` (Python source) run first in the same process:
+  failures injected as monkeypatch would, in a fresh process."""
+  code = (f"{patch}\nimport runpy, sys\n"
+          f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def read_only_patch(folder: pathlib.Path) -> str:
+  """Source that makes os.access report `folder` (and what is under it) as not writable, as
+  on a read-only filesystem (chmod does not stop root, who runs these tests)."""
+  return (f"import os\nreal = os.access\nro = {str(folder)!r}\n"
+          "os.access = lambda p, m, *a, **k: False if m & os.W_OK and "
+          "os.path.abspath(p).startswith(ro) else real(p, m, *a, **k)")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, corpus_dir):
+  """A run trained for 2 steps (checkpoint 2), shared by the tests below (they only read it)."""
+  c = tiny_config_in(tmp_path_factory.mktemp("small"), corpus_dir)
+  c.train.steps, c.sample.num_samples = 2, 0
+  return train_loop.train(c, log=quiet).run_dir
+
+
+# --- preemption -----------------------------------------------------------------------------
+
+def test_sigterm_saves_and_the_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path,
+                                                                                corpus_dir):
+  common = ["--config.train.log_every=1", "--config.sample.num_samples=0",
+            "--config.train.steps=100000", "--config.train.eval_every=1000000", NEVER]
+  cut = tmp_path / "cut"
+  proc = subprocess.Popen([sys.executable, "-m", "minigpt_jax.train",
+                           *tiny_flags(cut, corpus_dir, *common)], cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_logged_steps(cut / "runs/tiny/metrics.jsonl", proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
+  step = int(re.search(r"preempted \(SIGTERM\) at step (\d+): checkpoint saved", err)[1])
+  ckpt = cut / "runs/tiny/ckpt"
+  assert sorted(p.name for p in ckpt.iterdir()) == [str(step)]  # complete, no tmp folder left
+  assert sorted(_train_losses(cut / "runs/tiny")) == list(range(1, step + 1))
+
+  end = [f"--config.train.stop_at_step={step + 3}"]  # the schedule stays that of 100000 steps
+  resumed = ok(run_module("minigpt_jax.train", *tiny_flags(cut, corpus_dir, *common, *end)))
+  assert f"from step {step}" in resumed.stdout
+  straight = tmp_path / "straight"
+  ok(run_module("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common, *end)))
+  assert sorted(_train_losses(cut / "runs/tiny")) == list(range(1, step + 4))
+  assert _train_losses(cut / "runs/tiny") == _train_losses(straight / "runs/tiny")
+  a = runs.load_for_inference(str(cut / "runs/tiny")).params
+  b = runs.load_for_inference(str(straight / "runs/tiny")).params
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_in_process_stops_at_a_step_boundary_and_restores_the_handler(tiny_config,
+                                                                             monkeypatch):
+  received = []
+  ours = lambda *_: received.append(1)
+  previous = signal.signal(signal.SIGTERM, ours)  # a SIGTERM must never kill pytest
+  real = train_loop.Hooks.train_metrics
+
+  def metrics_then_sigterm(self, step, metrics):
+    real(self, step, metrics)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train_loop.Hooks, "train_metrics", metrics_then_sigterm)
+  tiny_config.train.log_every, tiny_config.sample.num_samples = 1, 0
+  try:
+    with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) at step \d+") as e:
+      train_loop.train(tiny_config, log=quiet)
+    handler_after = signal.getsignal(signal.SIGTERM)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert received == []  # train's handler took it
+  assert e.value.exit_status == 143 and 3 <= e.value.step < 20
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  with checkpoints.reader(run_dir) as mngr:
+    assert mngr.all_steps() == [e.value.step]
+  assert handler_after is ours
+  runs.lock_run_dir(run_dir).close()  # released
+
+
+def test_processes_agree_on_stopping_at_the_period_steps(monkeypatch):
+  """In a multi-process run a SIGTERM seen by any process stops all of them, at the next
+  step that is a multiple of the period (they all ask then, so none waits for the others)."""
+  gathered = []
+
+  def allgather(x):  # this process's flag, and another process that got the SIGTERM
+    gathered.append(int(x))
+    return np.array([x, 1], np.int32)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  flag = preemption.StopFlag(period=5)
+  assert [flag.should_stop(s) for s in (3, 4)] == [False, False] and gathered == []
+  assert flag.should_stop(5) and gathered == [0]
+  flag(signal.SIGTERM, None)  # this process's own SIGTERM goes into the all-gather
+  assert flag.should_stop(10) and gathered == [0, 1]
+
+
+# --- failed saves ---------------------------------------------------------------------------
+
+def test_a_failed_background_save_stops_training_at_once(tiny_config, monkeypatch):
+  def disk_full(*_, **__):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full)
+  t = tiny_config.train
+  t.steps, t.ckpt_every, t.log_every, t.eval_every = 60, 20, 1, 1000
+  tiny_config.sample.num_samples = 0
+  with pytest.raises(UserError, match=r"step 20.*No space left on device"):
+    train_loop.train(tiny_config, log=quiet)
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  assert max(_train_losses(run_dir)) < 40  # not on until the next save
+
+
+def test_a_save_that_fails_at_once_is_a_one_line_error_naming_the_step(tiny_config, monkeypatch):
+  def read_only(*_, **__):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", read_only)
+  tiny_config.train.steps, tiny_config.sample.num_samples = 10, 0
+  with pytest.raises(UserError, match=r"checkpoint step 10.*Read-only file system"):
+    train_loop.train(tiny_config, log=quiet)
+
+
+# --- out of memory --------------------------------------------------------------------------
+
+def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monkeypatch):
+  def huge(*_, **__):
+    def step(state, train_N):
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                       "allocate 80.00GiB.")
+    return step
+
+  monkeypatch.setattr(train_step, "jit_train_step", huge)
+  tiny_config.sample.num_samples = 0
+  with pytest.raises(UserError, match=r"out of memory.*train\.batch_size"):
+    train_loop.train(tiny_config, log=quiet)
+
+
+def test_out_of_memory_when_sampling_names_num_samples(small_run, monkeypatch):
+  def huge(*_, **__):
+    raise MemoryError()
+
+  monkeypatch.setattr(scoring, "syntax_validity", huge)
+  with pytest.raises(UserError, match=r"out of memory.*--num_samples"):
+    scoring.evaluate_checkpoint(str(small_run), num_samples=4, max_new_tokens=4, log=quiet)
+  patch = ("import minigpt_jax.generate as g\n"
+           "def huge(*a, **k): raise MemoryError()\ng.generate_text = huge")
+  one_line_error(run_patched("minigpt_jax.sample", patch, f"--checkpoint={small_run}"),
+                 "out of memory", "--num_samples")
+
+
+# --- seeds ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["minigpt_jax.sample", "minigpt_jax.evaluate"])
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+def test_a_seed_out_of_range_is_a_one_line_error(module, seed, tmp_path):
+  one_line_error(run_module(module, f"--seed={seed}", f"--checkpoint={tmp_path}", timeout=60),
+                 "--seed", seed)
+
+
+# --- output paths, checked before the work --------------------------------------------------
+
+def test_output_paths_are_checked_before_the_work(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  nowhere = f"--checkpoint={tmp_path / 'no_run'}"  # would fail later, after the path check
+  one_line_error(run_module("minigpt_jax.evaluate", nowhere, f"--json_out={a_file}/r.json",
+                            timeout=60), "--json_out", "not a folder")
+  one_line_error(run_module("minigpt_jax.plot", str(tmp_path / "no_run"), f"--out={tmp_path}",
+                            timeout=60), "--out", "is a folder")
+  one_line_error(run_module("minigpt_jax.plot", str(tmp_path / "no_run"),
+                            f"--out={a_file}/c.png", timeout=60), "--out", "not a folder")
+  one_line_error(run_module("minigpt_jax.bench", "--config", TINY, f"--json_out={tmp_path}",
+                            "--config.train.batch_size=4", "--batch_sizes=", "--decode_batches=",
+                            timeout=60), "--json_out", "is a folder")
+
+
+def test_unwritable_outputs_fail_before_the_work(small_run, tmp_path):
+  r = run_patched("minigpt_jax.evaluate", read_only_patch(small_run), f"--checkpoint={small_run}",
+                  "--num_samples=0")
+  one_line_error(r, "eval_step2.json", "--json_out")
+  assert r.stdout == "" and not list(small_run.glob("eval_step*.json"))
+  out = tmp_path / "ro"
+  out.mkdir()
+  r = run_patched("minigpt_jax.evaluate", read_only_patch(out), f"--checkpoint={small_run}",
+                  f"--json_out={out / 'r.json'}")
+  one_line_error(r, "r.json", "--json_out")
+  r = run_patched("minigpt_jax.plot", read_only_patch(small_run), str(small_run))
+  one_line_error(r, "curves.png", "--out")
+  r = run_patched("minigpt_jax.bench", read_only_patch(out), "--config", TINY,
+                  f"--json_out={out / 'b.json'}", "--batch_sizes=", "--decode_batches=")
+  one_line_error(r, "b.json", "--json_out")
+
+
+# --- metrics.jsonl --------------------------------------------------------------------------
+
+def test_a_torn_metrics_line_is_skipped_with_a_warning(tmp_path, caplog):
+  rows = [{"kind": "train", "step": s, "tokens": s * 256, "loss": 4.0 - s / 10} for s in (1, 2, 3)]
+  lines = [json.dumps(r) for r in rows]
+  lines.insert(2, lines[2][:17])  # a line cut short (a killed process, a full disk)
+  lines.insert(3, "[1, 2]")  # valid JSON, not a record
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with caplog.at_level(logging.WARNING):
+    got = report.read_metrics(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in got] == [1, 2, 3]
+  assert "line 3" in caplog.text and "line 4" in caplog.text and "metrics.jsonl" in caplog.text
+  assert curves.plot_run(tmp_path).read_bytes().startswith(b"\x89PNG")
