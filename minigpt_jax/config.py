@@ -22,16 +22,7 @@ def base_config() -> ConfigDict:
   c.init_from = ""
   c.init_from_step = 0  # the step of init_from to start from; 0 = its latest
 
-  c.data = ConfigDict()
-  c.data.dir = "data"  # prepared corpora land in <dir>/<name>/
-  c.data.name = "stdlib+site"
-  # Source roots, walked for *.py in sorted order: "stdlib" and "site-packages"
-  # name the running interpreter's; anything else is a folder path.
-  c.data.roots = ("stdlib", "site-packages")
-  c.data.max_chars = 120_000_000  # cap on the whole corpus; 0 = no cap
-  c.data.max_file_chars = 1_000_000  # skip larger files (mostly generated tables); 0 = no cap
-  c.data.val_fraction = 0.1  # fraction of files (chosen by a hash of their path) held out
-  c.data.rebuild = False  # rebuild the prepared corpus even if it exists
+  c.data = data_section()
 
   c.model = ConfigDict()
   c.model.context_len = 512  # tokens
@@ -72,6 +63,21 @@ def base_config() -> ConfigDict:
 
   c.mesh = mesh_section()
   return c
+
+
+def data_section() -> ConfigDict:
+  """The corpus: which Python files, how much of them, and where it is prepared."""
+  d = ConfigDict()
+  d.dir = "data"  # prepared corpora land in <dir>/<name>/
+  d.name = "stdlib+site"
+  # Source roots, walked for *.py in sorted order: "stdlib" and "site-packages"
+  # name the running interpreter's; anything else is a folder path.
+  d.roots = ("stdlib", "site-packages")
+  d.max_chars = 120_000_000  # cap on the whole corpus; 0 = no cap
+  d.max_file_chars = 1_000_000  # skip larger files (mostly generated tables); 0 = no cap
+  d.val_fraction = 0.1  # fraction of files (chosen by a hash of their path) held out
+  d.rebuild = False  # rebuild the prepared corpus even if it exists
+  return d
 
 
 def mesh_section() -> ConfigDict:
