@@ -272,7 +272,7 @@ def restore_newest(run_dir: pathlib.Path, abstract: dict,
   """(step, items) of checkpoint `step` (as `restore`), or by default of the newest intact
   one: damaged ones are skipped with a warning (and set aside, unless a training holds the
   run), and so are ones training's retention removes meanwhile. A reader: it never deletes
-  anything."""
+  anything, and renames a damaged step only while no training holds the run."""
   if step is not None:
     return step, _restore_step(run_dir, step, abstract)
   found = _newest(run_dir, lambda s: _restore_step(run_dir, s, abstract), holding_lock=False)

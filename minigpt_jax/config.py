@@ -11,7 +11,7 @@ from minigpt_jax.tokenizer import CharTokenizer
 
 
 def base_config() -> ConfigDict:
-  """The ~25M-parameter model of the design card, trained on a GPU."""
+  """The full ~25.6M-parameter model (configs/full.py), trained on a GPU."""
   c = ConfigDict()
   c.seed = 0  # parameter init and the batch sequence (a batch is a function of seed and step)
   c.workdir = "checkpoints"  # runs land in <workdir>/<run_name>/

@@ -163,7 +163,7 @@ class TrainReporter:
     self.progress.update(step, f"loss {metrics['loss']:.4f} | {tok_s:,.0f} tok/s{mfu_text}")
 
   def eval(self, step: int, val_loss: float, checked: dict | None) -> None:
-    """Records a validation loss and, if given, `syntax.sample_validity`'s result."""
+    """Records a validation loss and, if given, `scoring.sample_validity`'s result."""
     bpc = val_loss / math.log(2)
     self.val_losses[step] = val_loss
     record = {"kind": "eval", "step": step, "tokens": step * self.tokens_per_step,

@@ -2,8 +2,10 @@
 
     checkpoints/<run>/config.json      the full config the run was started with
     checkpoints/<run>/tokenizer.json
-    checkpoints/<run>/metrics.jsonl    appended by training
-    checkpoints/<run>/ckpt/            Orbax checkpoints (`checkpoints`)
+    checkpoints/<run>/metrics.jsonl    appended by training (and TensorBoard events beside it)
+    checkpoints/<run>/samples/         the samples printed at each eval
+    checkpoints/<run>/eval_step<N>.json  written by `evaluate`
+    checkpoints/<run>/ckpt/            Orbax checkpoints, and damaged ones set aside (`checkpoints`)
     checkpoints/<run>/.lock            held (flock) by the process training the run
 """
 

@@ -14,7 +14,7 @@ from minigpt_jax import cli, errors
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 
-_DEFAULT = base_config().sample  # the one documented default, shared with training and evaluate
+_DEFAULT = base_config().sample  # temperature, top-k, top-p: the default training and evaluate use
 _CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or its ckpt/<step>; "
                             "default: the most recently saved run in checkpoints/.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
