@@ -3,8 +3,8 @@ pre-norm block -> model.
 
 Shape key, one meaning per letter across the package: B batch, T time (query slots),
 W window (T + 1: inputs plus the last target), S cache slots, P prompt slots,
-G generated tokens per row, N tokens of a corpus split, D model width, H heads,
-K head width, F FFN width, V vocabulary, L layers.
+G generated tokens per row, C tokens of a streamed chunk, N tokens of a corpus split,
+D model width, H heads, K head width, F FFN width, V vocabulary, L layers.
 
 One definition serves training, prefill and decode. A batch row may start with
 left padding: `start_B` is the slot of its first real token, positions count
