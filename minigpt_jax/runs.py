@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from minigpt_jax import checkpoints, hardware, sharding
+from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import CharTokenizer
@@ -49,8 +50,9 @@ def _flat(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_resumable(run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume `run_dir` with a config that differs outside RESUMABLE_CHANGES."""
-  old, new = _flat(read_config(run_dir)), _flat(config)
+  """Refuses to resume `run_dir` with a config that differs outside RESUMABLE_CHANGES. A
+  field the run's config.json lacks (added to the config since) counts as its default."""
+  old, new = {**_flat(base_config()), **_flat(read_config(run_dir))}, _flat(config)
   free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)
   diffs = [k for k in sorted(set(old) | set(new)) if not free(k) and old.get(k) != new.get(k)]
   if diffs:

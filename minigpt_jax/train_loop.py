@@ -75,7 +75,7 @@ def prepare_corpus(config, run_dir: pathlib.Path, say):
   start, trained_sha256 = checkpoints.trained_on(run_dir) or (None, None)
   source = None
   if start is not None:  # a changed setting is named before any corpus work
-    runs.check_resumable(run_dir, as_saved_before_added_fields(config, run_dir))
+    runs.check_resumable(run_dir, config)
   elif config.init_from:  # and so is a model that cannot load
     source = finetune_source(config)
   splits, manifest = data.load_corpus_everywhere(config.data, CharTokenizer(), say,
@@ -85,23 +85,6 @@ def prepare_corpus(config, run_dir: pathlib.Path, say):
     raise UserError(f"the train corpus differs from the one step {start} of {run_dir} was "
                     "trained on; resume with that corpus, or start a new --run_name")
   return start, source, splits, sha256
-
-
-# Fields added to the config after runs were saved without them, with their defaults.
-ADDED_FIELDS = {"init_from": "", "init_from_step": 0}
-
-
-def as_saved_before_added_fields(config, run_dir: pathlib.Path):
-  """`config` less the ADDED_FIELDS that `run_dir`'s config.json lacks, where they hold their
-  defaults: a run saved before they existed resumes as before (its config did not use them)."""
-  saved = runs.read_config(run_dir)
-  absent = [k for k, v in ADDED_FIELDS.items() if k not in saved and config.get(k) == v]
-  if not absent:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  for k in absent:
-    del config[k]
-  return config
 
 
 # The model fields a fine-tune must share with its source: they fix the parameters' shapes
