@@ -8,6 +8,7 @@ from typing import Callable
 
 from absl import app, flags, logging
 
+from minigpt_jax import hardware
 from minigpt_jax.errors import Stopped, UserError, first_line
 
 
@@ -97,4 +98,5 @@ def run(main: Callable[[list[str]], None], positional: str = "") -> None:
       print(str(e), file=sys.stderr, flush=True)
       sys.exit(e.exit_status)
 
+  hardware.keep_freed_host_memory()  # before JAX's first computation starts its threads
   app.run(wrapped, flags_parser=_parse_flags)

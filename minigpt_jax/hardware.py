@@ -1,8 +1,10 @@
 """What this machine can do: the settings "auto" resolves to, and peak FLOP/s for MFU."""
 
+import ctypes
 import dataclasses
 import functools
 import logging
+import sys
 from typing import Optional
 
 import jax
@@ -48,6 +50,28 @@ def cudnn_attention_works(context_len: int, n_heads: int, head_dim: int, dtype: 
   except Exception as e:  # any failure means: use XLA's attention instead
     logging.warning("cuDNN attention unavailable (%s); using XLA attention", first_line(e, 200))
     return False
+
+
+def keep_freed_host_memory() -> bool:
+  """Asks glibc to keep freed memory for reuse instead of handing it back to the kernel.
+
+  XLA:CPU allocates each call's scratch buffer afresh (320 MiB for the small config's training
+  step). glibc serves a block that large with mmap and unmaps it when freed, so every step
+  the kernel maps and zero-fills the whole working set again: a third of the step's CPU time
+  went to page faults (BENCHMARKS.md). One arena, no mmap and no trimming make the freed
+  buffer the next call's. Must run before JAX starts its threads; GPU memory is unaffected.
+  Returns whether glibc took the settings (False elsewhere, e.g. macOS or musl).
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):
+    return False
+  M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from glibc's malloc.h
+  # A trim threshold of -1 turns trimming off (mallopt(3)); any positive int caps at 2 GiB,
+  # below the full config's 3.3 GiB buffer.
+  return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)])
 
 
 def peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:

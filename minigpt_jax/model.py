@@ -149,12 +149,32 @@ def _dense_init(scale: float = 1.0):
   return nn.initializers.normal(stddev=0.02 * scale)
 
 
-def attention_mask(q_slots_T, k_slots_S, start_B):
-  """[B, 1, T, S] boolean: causal, no keys in the left padding (a pad query sees itself)."""
-  causal = k_slots_S[None, :] <= q_slots_T[:, None]
+def attention_mask(q_slots_T, k_slots_S, start_B=None):
+  """[B or 1, 1, T, S] boolean: causal, no keys in the left padding (a pad query sees itself)."""
+  causal_TS = k_slots_S[None, :] <= q_slots_T[:, None]
+  if start_B is None:
+    return causal_TS[None, None]
   real = k_slots_S[None, None, :] >= start_B[:, None, None]
   self_only = k_slots_S[None, :] == q_slots_T[:, None]
-  return (causal[None] & (real | self_only[None]))[:, None]
+  return (causal_TS[None] & (real | self_only[None]))[:, None]
+
+
+# With 16-bit inputs the scores' backward dots stay 16-bit, as in jax's own attention (a
+# float32 cotangent would otherwise make them float32 matmuls: jax-ml/jax#24047).
+_SCORES_PRECISION = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                     jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}
+
+
+def attend(q_BTHK, k_BSHK, v_BSHK, mask_B1TS):
+  """Softmax attention with float32 scores, computed head-major ([B, H, T, S]): on the
+  CPU the training step runs faster this way than with `jax.nn.dot_product_attention`'s
+  XLA path (BENCHMARKS.md); XLA:GPU gets the same einsums that path uses."""
+  scale = 1.0 / math.sqrt(q_BTHK.shape[-1])
+  s_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32,
+                      precision=_SCORES_PRECISION.get(q_BTHK.dtype))
+  s_BHTS = jnp.where(mask_B1TS, s_BHTS * scale, jnp.finfo(jnp.float32).min)
+  p_BHTS = jax.nn.softmax(s_BHTS, axis=-1).astype(v_BSHK.dtype)
+  return jnp.einsum("bhts,bshk->bthk", p_BHTS, v_BSHK)
 
 
 class Embeddings(nn.Module):
@@ -174,7 +194,7 @@ class Embeddings(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-  """All heads in one fused projection and one `jax.nn.dot_product_attention` call."""
+  """All heads in one fused projection; `attend`, or cuDNN's flash attention for training."""
 
   cfg: ModelConfig
   layer: int = 0  # which slice of the KV cache this layer owns
@@ -188,11 +208,11 @@ class MultiHeadAttention(nn.Module):
                                 kernel_init=_dense_init(), name="qkv")(x_BTD)
     q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK[:, :, 0], qkv_BT3HK[:, :, 1], qkv_BT3HK[:, :, 2]
 
-    if cache is None and start_B is None:  # training: plain causal, cuDNN flash where asked
+    if cache is None and start_B is None and cfg.attention_impl == "cudnn":  # GPU training
       out_BTHK = jax.nn.dot_product_attention(
-          q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation=cfg.attention_impl)
+          q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation="cudnn")
     else:
-      if cache is None:  # full forward over left-padded rows
+      if cache is None:  # a full forward: training, or left-padded rows
         keys_BSHK, values_BSHK, q_slots_T = k_BTHK, v_BTHK, jnp.arange(T)
       else:
         check_shape(self, "cached keys", cache.k_LBHSK,
@@ -200,9 +220,8 @@ class MultiHeadAttention(nn.Module):
         cache, keys_BSHK, values_BSHK, q_slots_T = cache.append(self.layer, k_BTHK, v_BTHK)
         start_B = cache.start_B
       mask_B1TS = attention_mask(q_slots_T, jnp.arange(keys_BSHK.shape[1]), start_B)
-      out_BTHK = jax.nn.dot_product_attention(
-          q_BTHK, keys_BSHK.astype(cfg.dtype), values_BSHK.astype(cfg.dtype),
-          mask=mask_B1TS, implementation="xla")
+      out_BTHK = attend(q_BTHK, keys_BSHK.astype(cfg.dtype), values_BSHK.astype(cfg.dtype),
+                        mask_B1TS)
 
     check_shape(self, "attention output", out_BTHK, (B, T, cfg.n_heads, cfg.head_dim))
     y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="out",

@@ -1,5 +1,7 @@
 import dataclasses
 import math
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -7,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import SMALL_MODEL
+from helpers import REPO, SMALL_MODEL
 from minigpt_jax import hardware
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention, _dense_init,
-                               check_shape, flops_per_token, init_params, param_count)
+                               attend, attention_mask, check_shape, flops_per_token, init_params,
+                               param_count)
 
 SMALL = SMALL_MODEL
 
@@ -101,6 +104,16 @@ def test_fused_multi_head_equals_concatenated_single_heads():
   concat_BTHK = jnp.stack(heads, axis=2)
   reference = jnp.einsum("bthk,hkd->btd", concat_BTHK, p["out"]["kernel"]) + p["out"]["bias"]
   np.testing.assert_allclose(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_and_its_gradients_equal_jaxs_own_attention():
+  q, k, v, g = jax.random.normal(jax.random.key(0), (4, 2, 16, 4, 8))
+  mask = attention_mask(jnp.arange(16), jnp.arange(16))
+  ours = lambda q, k, v: (attend(q, k, v, mask) * g).sum()
+  jaxs = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, is_causal=True) * g).sum()
+  for a, b in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(jaxs, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(ours(q, k, v), jaxs(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_is_invisible():
@@ -203,3 +216,35 @@ def test_a_cache_longer_than_the_context_is_refused():
   with pytest.raises(ValueError, match="cache of 33 slots exceeds the context length 32"):
     MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32),
                          cache=KVCache.init(SMALL, 1, SMALL.context_len + 1))
+
+
+FAULTS_AFTER_FREE = """
+import ctypes, resource, sys
+from minigpt_jax import hardware
+kept = hardware.keep_freed_host_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+size, faults = 256 << 20, []
+for _ in range(3):  # what XLA:CPU does each step: a big scratch buffer, written, then freed
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(size)
+  ctypes.memset(p, 1, size)
+  libc.free(p)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_a_freed_scratch_buffer_is_reused_without_page_faults():
+  def faults(mode):
+    out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout.split()
+    return out[0] == "True", [int(f) for f in out[1:]]
+
+  kept, with_keep = faults("keep")
+  _, without = faults("default")
+  assert kept
+  # By default glibc maps such a buffer afresh each time, so its pages fault in every time;
+  # told to keep freed memory, only the first round faults.
+  assert max(with_keep[1:]) * 10 < min(without)
