@@ -16,7 +16,7 @@ def get_config():
   c.data.roots = ("minigpt_jax",)  # this repository's own code; point it at yours
   c.data.val_fraction = 0.2  # a small folder: hold out more files so val holds a window
   c.train.steps = 300  # a few minutes on a CPU
-  c.train.lr = 5e-4  # a sixth of small's: adapt the model, do not retrain it
+  c.train.lr = 5e-4  # a tenth of small's: adapt the model, do not retrain it
   c.train.warmup_steps = 20
   c.train.eval_every = 100  # a short run: see the held-out loss move
   c.train.ckpt_every = 100

@@ -9,7 +9,6 @@ A table goes to stderr and one JSON object to stdout (and to --json_out).
 """
 
 import json
-import pathlib
 import sys
 
 from absl import flags
@@ -48,10 +47,8 @@ _PROFILE_DIR = flags.DEFINE_string(
 def main(_):
   config = cli.load_config(_CONFIG)
   json_out = _JSON_OUT.value
-  if json_out and not pathlib.Path(json_out).absolute().parent.is_dir():
-    raise UserError(f"--json_out {json_out}: no such folder")
   if json_out:  # before the benchmark, not after it
-    cli.check_output_path(json_out, "--json_out")
+    json_out = cli.check_output_path(json_out, "--json_out")
   from minigpt_jax import throughput  # after flag parsing: --help stays fast
   with errors.out_of_memory_names("--batch_sizes or --decode_batches"):
     result = run_benchmark(config, throughput)
@@ -60,7 +57,8 @@ def main(_):
   print(text, flush=True)
   if json_out:
     try:
-      pathlib.Path(json_out).write_text(text + "\n")
+      json_out.parent.mkdir(parents=True, exist_ok=True)
+      json_out.write_text(text + "\n")
     except OSError as e:  # e.g. a full disk: the JSON is on stdout above
       raise UserError(f"cannot write --json_out {json_out}: {e.strerror or e}")
 
