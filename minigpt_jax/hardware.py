@@ -1,4 +1,5 @@
-"""What this machine can do: the settings "auto" resolves to, and peak FLOP/s for MFU."""
+"""What this machine can do: the settings "auto" resolves to, how host memory is reused,
+and peak FLOP/s for MFU."""
 
 import ctypes
 import dataclasses
