@@ -58,8 +58,8 @@ def keep_freed_host_memory() -> bool:
 
   XLA:CPU allocates each call's scratch buffer afresh (320 MiB for the small config's training
   step). glibc serves a block that large with mmap and unmaps it when freed, so every step
-  the kernel maps and zero-fills the whole working set again: a third of the step's CPU time
-  went to page faults (BENCHMARKS.md). One arena, no mmap and no trimming make the freed
+  the kernel maps and zero-fills the whole working set again (the page faults in
+  BENCHMARKS.md). One arena, no mmap and no trimming make the freed
   buffer the next call's. Must run before JAX starts its threads; GPU memory is unaffected.
   Returns whether glibc took the settings (False elsewhere, e.g. macOS or musl).
   """
