@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 import sys
+import warnings
 from typing import Optional
 
 import jax
@@ -111,10 +112,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> dict:
+  _silence_abandoned_reads()  # before: the abandoned reads may print while Orbax still raises
   try:
     return dict(mngr.restore(step, args=args))
   except Exception as e:  # Orbax raises many types for a damaged checkpoint
-    _silence_abandoned_reads()  # before `e`, which holds the abandoned reads, is freed
     reason = _cause(e)
   gc.collect()  # the abandoned reads end now, not at some later point
   raise _Unrestorable(f"cannot restore checkpoint step {step} in {mngr.directory}: {reason}",
@@ -137,13 +138,15 @@ _silenced = False
 
 
 def _silence_abandoned_reads() -> None:
-  """Drops, for the rest of the process, what the reads abandoned by a failed restore print.
+  """Drops, for the rest of the process, what the reads abandoned by a failed restore print
+  (installed before the first restore; the hooks pass everything else on).
 
   When one array fails to read, Orbax returns at once and closes its event loop, leaving
   the other arrays' reads pending: they end later, from TensorStore's threads or when
   collected, with hundreds of lines of "Event loop is closed", "Exception ignored in
-  <coroutine>" and "Task exception was never retrieved" that say nothing new. Later, not
-  just during the restore: hence for the rest of the process.
+  <coroutine>", "coroutine ... was never awaited" and "Task exception was never retrieved"
+  that say nothing new; they may start while Orbax is still raising. Later, not just
+  during the restore: hence for the rest of the process.
   """
   global _silenced
   if _silenced:
@@ -159,6 +162,8 @@ def _silence_abandoned_reads() -> None:
       default_hook(unraisable)
 
   sys.unraisablehook = hook
+  # A pending read collected before it ever started: Python warns rather than reports it.
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
   # asyncio's "<Task|Future|_GatheringFuture> exception was never retrieved" and kin.
   dropped = re.compile(r"\w+ exception was never retrieved|Task was destroyed but it is pending")
   logging.getLogger("asyncio").addFilter(lambda r: not dropped.match(r.getMessage()))

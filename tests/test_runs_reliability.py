@@ -18,7 +18,7 @@ from minigpt_jax.tokenizer import CharTokenizer
 
 # What abandoned asynchronous Orbax/TensorStore reads print when nobody drains them.
 NOISE = ("Traceback", "Task exception", "Future exception", "Exception ignored",
-         "Event loop is closed", "<bound method")
+         "Event loop is closed", "<bound method", "was never awaited")
 
 
 def quiet(*_):
