@@ -14,7 +14,7 @@ from minigpt_jax import hardware
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention, _dense_init,
-                               attend, attention_mask, check_shape, flops_per_token, init_params,
+                               attend, attention_mask, causal_attention, check_shape, flops_per_token, init_params,
                                param_count)
 
 SMALL = SMALL_MODEL
@@ -114,6 +114,16 @@ def test_attention_and_its_gradients_equal_jaxs_own_attention():
   for a, b in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(jaxs, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(ours(q, k, v), jaxs(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [16, 7, 40])  # even blocks, a short last block, one block
+def test_blocked_causal_attention_equals_the_masked_whole(block):
+  q, k, v, g = jax.random.normal(jax.random.key(1), (4, 2, 40, 4, 8))
+  whole = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, is_causal=True) * g).sum()
+  blocked = lambda q, k, v: (causal_attention(q, k, v, block) * g).sum()
+  np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), atol=1e-4, rtol=1e-5)
+  for a, b in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(whole, (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_is_invisible():
