@@ -190,7 +190,7 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHK, block: Optional[int] = None):
   for start, end in zip([0, *ends], ends):
     mask_11TS = attention_mask(jnp.arange(start, end), jnp.arange(end))
     out.append(attend(q_BTHK[:, start:end], k_BTHK[:, :end], v_BTHK[:, :end], mask_11TS))
-  return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
+  return jnp.concatenate(out, axis=1)
 
 
 class Embeddings(nn.Module):
