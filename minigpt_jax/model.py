@@ -238,8 +238,7 @@ class MultiHeadAttention(nn.Module):
         cache, keys_BSHK, values_BSHK, q_slots_T = cache.append(self.layer, k_BTHK, v_BTHK)
         start_B = cache.start_B
       mask_B1TS = attention_mask(q_slots_T, jnp.arange(keys_BSHK.shape[1]), start_B)
-      out_BTHK = attend(q_BTHK, keys_BSHK.astype(cfg.dtype), values_BSHK.astype(cfg.dtype),
-                        mask_B1TS)
+      out_BTHK = attend(q_BTHK, keys_BSHK, values_BSHK, mask_B1TS)
 
     check_shape(self, "attention output", out_BTHK, (B, T, cfg.n_heads, cfg.head_dim))
     y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="out",
