@@ -18,6 +18,9 @@ from minigpt_jax.model import ModelConfig
 # wins, so the PCIe H100 (a lower clock) comes before the SXM one.
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # glibc's malloc.h
+KEEP_LIMIT = 1 << 30  # bytes: the largest scratch buffer a heap that keeps freed memory serves
+
 
 def resolve(cfg: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
   """`cfg` with "auto" settings chosen for `platform` (default: JAX's backend): bfloat16
@@ -60,19 +63,46 @@ def keep_freed_host_memory() -> bool:
   step). glibc serves a block that large with mmap and unmaps it when freed, so every step
   the kernel maps and zero-fills the whole working set again (the page faults in
   BENCHMARKS.md). One arena, no mmap and no trimming make the freed
-  buffer the next call's. Must run before JAX starts its threads; GPU memory is unaffected.
+  buffer the next call's; `fit_host_memory_to` gives up the mmap part for very large
+  buffers. Must run before JAX starts its threads; GPU memory is unaffected.
   Returns whether glibc took the settings (False elsewhere, e.g. macOS or musl).
   """
-  if not sys.platform.startswith("linux"):
+  mallopt = _mallopt()
+  if mallopt is None:
     return False
-  try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
-    return False
-  M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from glibc's malloc.h
   # A trim threshold of -1 turns trimming off (mallopt(3)); any positive int caps at 2 GiB,
-  # below the full config's 3.3 GiB buffer.
+  # below the full config's 2.8 GiB buffer.
   return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)])
+
+
+def fit_host_memory_to(compiled) -> bool:
+  """Once the training step is compiled: on the CPU, if one call's scratch buffer is over
+  KEEP_LIMIT bytes, hands blocks over 32 MiB back to mmap, which frees them to the kernel.
+
+  A heap that keeps freed memory grows by a whole scratch buffer whenever a step cannot
+  reuse the last one's, and never shrinks: the full config's 2.8 GiB buffer took it from
+  3.7 to 12.2 GB in 14 steps, each growing step three times as slow (BENCHMARKS.md). Its
+  pages faulted in afresh cost less: about a fifth of a step, at a steady 3.8 GB.
+  Returns whether it handed them back.
+  """
+  analysis = compiled.memory_analysis()
+  big = (jax.default_backend() == "cpu" and analysis is not None
+         and analysis.temp_size_in_bytes > KEEP_LIMIT)
+  mallopt = _mallopt() if big else None
+  if mallopt is None:
+    return False
+  # 32 MiB is glibc's largest mmap threshold; smaller blocks stay in the kept heap.
+  return all([mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_MMAP_MAX, 65536)])
+
+
+def _mallopt():
+  """glibc's mallopt, or None where there is none (macOS, musl)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    return ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):
+    return None
 
 
 def peak_flops(device: Optional[jax.Device] = None) -> Optional[float]:

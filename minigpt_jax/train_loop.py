@@ -49,11 +49,11 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
                                     mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s))
     hooks = Hooks(config, cfg, mesh, reporter, mngr, sharding.put_replicated(mesh, splits["val"]),
                   train_sha256, stop)
-    step_fn = train_step.jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
+    train_N = sharding.put_replicated(mesh, splits["train"])
     try:
       with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
-        step = loop(state, step_fn, sharding.put_replicated(mesh, splits["train"]), start or 0,
-                    end, config.train, hooks)
+        step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
+        step = loop(state, step_fn, train_N, start or 0, end, config.train, hooks)
     finally:  # also on errors: finish the checkpoint being written, never leave it half-done
       try:
         hooks.finish_saves()

@@ -1,7 +1,8 @@
 """One optimizer step as a pure function, and the state, loss and optimizer it needs.
 
 `train_step(state, train_N) -> (state, metrics)` takes everything as arguments;
-`jit_train_step` wires it to a mesh with shardings and donation.
+`jit_train_step` wires it to a mesh with shardings and donation, and
+`compile_train_step` compiles that for the state before the first step.
 """
 
 import functools
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from minigpt_jax import data, sharding
+from minigpt_jax import data, hardware, sharding
 from minigpt_jax.model import MiniGPT, ModelConfig, init_params
 
 
@@ -105,3 +106,14 @@ def jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int
                         batch_sharding=batch_sh, schedule=lr_schedule(config.train)),
       in_shardings=(state_sh, sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def compile_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, state: TrainState,
+                       train_N: jax.Array):
+  """`jit_train_step` at config.train.batch_size, compiled for `state` and `train_N` before
+  the first step: how much scratch memory a step needs decides how the host's freed
+  memory is kept (`hardware.fit_host_memory_to`)."""
+  step_fn = jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
+  compiled = step_fn.lower(state, train_N).compile()
+  hardware.fit_host_memory_to(compiled)
+  return compiled

@@ -230,9 +230,12 @@ def test_a_cache_longer_than_the_context_is_refused():
 
 
 FAULTS_AFTER_FREE = """
-import ctypes, resource, sys
+import ctypes, resource, sys, types
 from minigpt_jax import hardware
-kept = hardware.keep_freed_host_memory() if sys.argv[1] == "keep" else False
+kept = hardware.keep_freed_host_memory() if sys.argv[1] != "default" else False
+if sys.argv[1].startswith("scratch="):  # a compiled step whose scratch buffer has this size
+  analysis = types.SimpleNamespace(temp_size_in_bytes=int(sys.argv[1][8:]))
+  kept = not hardware.fit_host_memory_to(types.SimpleNamespace(memory_analysis=lambda: analysis))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 size, faults = 256 << 20, []
@@ -246,16 +249,28 @@ print(kept, *faults)
 """
 
 
+def faults_after_free(mode: str) -> tuple[bool, list[int]]:
+  """(whether freed memory is kept, page faults of each round) of FAULTS_AFTER_FREE."""
+  out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True,
+                       text=True, check=True, cwd=REPO).stdout.split()
+  return out[0] == "True", [int(f) for f in out[1:]]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
 def test_a_freed_scratch_buffer_is_reused_without_page_faults():
-  def faults(mode):
-    out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode], capture_output=True,
-                         text=True, check=True, cwd=REPO).stdout.split()
-    return out[0] == "True", [int(f) for f in out[1:]]
-
-  kept, with_keep = faults("keep")
-  _, without = faults("default")
+  kept, with_keep = faults_after_free("keep")
+  _, without = faults_after_free("default")
   assert kept
   # By default glibc maps such a buffer afresh each time, so its pages fault in every time;
   # told to keep freed memory, only the first round faults.
   assert max(with_keep[1:]) * 10 < min(without)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_freed_memory_is_kept_only_while_the_steps_scratch_buffer_is_small():
+  """A heap that keeps freed memory grows by whole scratch buffers when steps cannot reuse
+  each other's; past hardware.KEEP_LIMIT, large blocks go back to the kernel when freed."""
+  kept_small, small = faults_after_free(f"scratch={hardware.KEEP_LIMIT}")
+  kept_big, big = faults_after_free(f"scratch={hardware.KEEP_LIMIT + 1}")
+  assert kept_small and not kept_big
+  assert max(small[1:]) * 10 < min(big)  # every round of the big case faults its pages again

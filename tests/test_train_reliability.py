@@ -190,7 +190,7 @@ def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monke
                                        "allocate 80.00GiB.")
     return step
 
-  monkeypatch.setattr(train_step, "jit_train_step", huge)
+  monkeypatch.setattr(train_step, "compile_train_step", huge)
   tiny_config.sample.num_samples = 0
   with pytest.raises(UserError, match=r"out of memory.*train\.batch_size"):
     train_loop.train(tiny_config, log=quiet)
