@@ -88,25 +88,26 @@ class KVCache:
   """Keys and values of every layer, passed into and returned from `MiniGPT.__call__`.
 
   Slot j of row b holds the token at position j - start_B[b]; slots before start_B[b]
-  are left padding and never attended to. Stored head-major, [L, B, H, S, K], the
-  layout attention reads (BENCHMARKS.md: the other layout costs a transpose per step).
+  are left padding and never attended to. Each layer has its own arrays, stored
+  head-major ([B, H, S, K], the layout attention reads): a slice of one stacked array
+  would be copied out whole for every decoded token (BENCHMARKS.md).
   """
 
-  k_LBHSK: jax.Array
-  v_LBHSK: jax.Array
+  k_BHSK: tuple  # one [B, H, S, K] array per layer
+  v_BHSK: tuple
   start_B: jax.Array  # int32 [B]: slot of each row's first real token
   end_L: jax.Array  # int32 [L]: slots each layer has written (all equal between model calls)
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, slots: int, start_B=None) -> "KVCache":
-    shape = (cfg.n_layers, batch, cfg.n_heads, slots, cfg.head_dim)
+    shape = (batch, cfg.n_heads, slots, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
     start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else jnp.asarray(start_B, jnp.int32)
-    return cls(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype), start_B,
-               jnp.zeros((cfg.n_layers,), jnp.int32))
+    return cls(zeros(), zeros(), start_B, jnp.zeros((cfg.n_layers,), jnp.int32))
 
   @property
   def slots(self) -> int:
-    return self.k_LBHSK.shape[3]
+    return self.k_BHSK[0].shape[2]
 
   @property
   def index(self) -> jax.Array:
@@ -118,22 +119,23 @@ class KVCache:
 
     Returns (cache, all keys [B, S, H, K], all values [B, S, H, K], the new slots [T])."""
     end = self.end_L[layer]
-    at = (layer, 0, 0, end, 0)
-    write = lambda c_LBHSK, x_BTHK: jax.lax.dynamic_update_slice(
-        c_LBHSK, jnp.swapaxes(x_BTHK, 1, 2)[None].astype(c_LBHSK.dtype), at)
+    write = lambda c_BHSK, x_BTHK: jax.lax.dynamic_update_slice(
+        c_BHSK, jnp.swapaxes(x_BTHK, 1, 2).astype(c_BHSK.dtype), (0, 0, end, 0))
+    k_BHSK, v_BHSK = list(self.k_BHSK), list(self.v_BHSK)
+    k_BHSK[layer] = write(k_BHSK[layer], k_BTHK)
+    v_BHSK[layer] = write(v_BHSK[layer], v_BTHK)
     T = k_BTHK.shape[1]
-    cache = self.replace(k_LBHSK=write(self.k_LBHSK, k_BTHK), v_LBHSK=write(self.v_LBHSK, v_BTHK),
+    cache = self.replace(k_BHSK=tuple(k_BHSK), v_BHSK=tuple(v_BHSK),
                          end_L=self.end_L.at[layer].add(T))
-    keys_BSHK = jnp.swapaxes(cache.k_LBHSK[layer], 1, 2)
-    values_BSHK = jnp.swapaxes(cache.v_LBHSK[layer], 1, 2)
-    return cache, keys_BSHK, values_BSHK, end + jnp.arange(T)
+    return (cache, jnp.swapaxes(k_BHSK[layer], 1, 2), jnp.swapaxes(v_BHSK[layer], 1, 2),
+            end + jnp.arange(T))
 
   def grow(self, slots: int) -> "KVCache":
     """The same cache with `slots` slots; the new ones are empty (zeros)."""
     if slots < self.slots:
       raise ValueError(f"KVCache.grow: {slots} slots is fewer than the {self.slots} held")
-    pad = [(0, 0)] * 3 + [(0, slots - self.slots), (0, 0)]
-    return self.replace(k_LBHSK=jnp.pad(self.k_LBHSK, pad), v_LBHSK=jnp.pad(self.v_LBHSK, pad))
+    pad = lambda c_BHSK: jnp.pad(c_BHSK, [(0, 0), (0, 0), (0, slots - self.slots), (0, 0)])
+    return self.replace(k_BHSK=tuple(map(pad, self.k_BHSK)), v_BHSK=tuple(map(pad, self.v_BHSK)))
 
 
 def check_shape(module: nn.Module, name: str, x: jax.Array, expected: tuple) -> None:
@@ -233,8 +235,8 @@ class MultiHeadAttention(nn.Module):
       if cache is None:  # left-padded rows
         keys_BSHK, values_BSHK, q_slots_T = k_BTHK, v_BTHK, jnp.arange(T)
       else:
-        check_shape(self, "cached keys", cache.k_LBHSK,
-                    (cfg.n_layers, B, cfg.n_heads, None, cfg.head_dim))
+        check_shape(self, "cached keys", cache.k_BHSK[self.layer],
+                    (B, cfg.n_heads, None, cfg.head_dim))
         cache, keys_BSHK, values_BSHK, q_slots_T = cache.append(self.layer, k_BTHK, v_BTHK)
         start_B = cache.start_B
       mask_B1TS = attention_mask(q_slots_T, jnp.arange(keys_BSHK.shape[1]), start_B)

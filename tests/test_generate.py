@@ -49,7 +49,7 @@ def test_cached_logits_equal_full_forward(prompt_len, dtype, tol):
 def test_cache_is_written_where_the_model_says():
   cache = KVCache.init(CFG, 2, 20)
   _, cache = MiniGPT(CFG).apply({"params": PARAMS}, jnp.ones((2, 7), jnp.int32), cache=cache)
-  k = np.asarray(cache.k_LBHSK)
+  k = np.stack(cache.k_BHSK)  # [L, B, H, S, K]
   assert k.shape == (2, 2, 4, 20, 8)
   assert int(cache.index) == 7
   assert np.abs(k[:, :, :, :7]).sum(axis=(0, 1, 2, 4)).min() > 0
@@ -131,7 +131,7 @@ def test_decode_makes_one_model_call_per_token_after_the_first():
                                       GREEDY, False, 8)
   assert new_BN.shape == (1, 20)
   assert cache.slots == P + 19 and int(cache.index) == P + 19
-  k = np.asarray(cache.k_LBHSK)
+  k = np.stack(cache.k_BHSK)  # [L, B, H, S, K]
   assert np.abs(k[:, :, :, start_B[0]:]).sum(axis=(0, 1, 2, 4)).min() > 0  # every slot written
   with pytest.raises(ValueError, match="steps must be >= 1"):
     generate.decode(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 0, GREEDY)
@@ -139,11 +139,13 @@ def test_decode_makes_one_model_call_per_token_after_the_first():
 
 def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():
   cache = KVCache.init(CFG, 2, 5)
-  cache = cache.replace(k_LBHSK=cache.k_LBHSK + 1.0, end_L=jnp.full((CFG.n_layers,), 5, jnp.int32))
+  cache = cache.replace(k_BHSK=tuple(k + 1.0 for k in cache.k_BHSK),
+                        end_L=jnp.full((CFG.n_layers,), 5, jnp.int32))
   grown = cache.grow(9)
   assert grown.slots == 9 and int(grown.index) == 5
-  np.testing.assert_array_equal(grown.k_LBHSK[:, :, :, :5], cache.k_LBHSK)
-  assert np.abs(np.asarray(grown.k_LBHSK[:, :, :, 5:])).max() == 0
+  for before, after in zip(cache.k_BHSK, grown.k_BHSK):
+    np.testing.assert_array_equal(after[:, :, :5], before)
+    assert np.abs(np.asarray(after[:, :, 5:])).max() == 0
   with pytest.raises(ValueError, match="fewer than the 9"):
     grown.grow(4)
 
