@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,11 @@ from minigpt_jax.model import ModelConfig
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # glibc's malloc.h
-KEEP_LIMIT = 1 << 30  # bytes: the largest scratch buffer a heap that keeps freed memory serves
+# Bytes: the largest scratch buffer a heap that keeps freed memory serves. A choice between
+# the two sizes measured (BENCHMARKS.md): the small config's 320 MiB, kept, and the full
+# config's 2.8 GiB, whose heap grew.
+KEEP_LIMIT = 1 << 30
+_kept = False  # whether keep_freed_host_memory took effect in this process
 
 
 def resolve(cfg: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
@@ -59,43 +63,57 @@ def cudnn_attention_works(context_len: int, n_heads: int, head_dim: int, dtype: 
 def keep_freed_host_memory() -> bool:
   """Asks glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
-  XLA:CPU allocates each call's scratch buffer afresh (320 MiB for the small config's training
+  XLA:CPU allocates each call's scratch buffer afresh (304 MiB for the small config's training
   step). glibc serves a block that large with mmap and unmaps it when freed, so every step
   the kernel maps and zero-fills the whole working set again (the page faults in
-  BENCHMARKS.md). One arena, no mmap and no trimming make the freed
-  buffer the next call's; `fit_host_memory_to` gives up the mmap part for very large
-  buffers. Must run before JAX starts its threads; GPU memory is unaffected.
-  Returns whether glibc took the settings (False elsewhere, e.g. macOS or musl).
+  BENCHMARKS.md). One arena, no mmap and no trimming make the freed buffer the next
+  call's; `fit_host_memory_to` gives up the no-mmap part for very large buffers. Must run
+  before JAX starts its threads; GPU memory is unaffected. Returns whether glibc took the
+  settings (False elsewhere, e.g. macOS or musl).
   """
+  global _kept
   mallopt = _mallopt()
-  if mallopt is None:
-    return False
   # A trim threshold of -1 turns trimming off (mallopt(3)); any positive int caps at 2 GiB,
   # below the full config's 2.8 GiB buffer.
-  return all([mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, -1)])
+  _kept = bool(mallopt and mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0)
+               and mallopt(M_TRIM_THRESHOLD, -1))
+  return _kept
 
 
-def fit_host_memory_to(compiled) -> bool:
-  """Once the training step is compiled: on the CPU, if one call's scratch buffer is over
-  KEEP_LIMIT bytes, hands blocks over 32 MiB back to mmap, which frees them to the kernel.
+def fit_host_memory_to(scratch_bytes: int) -> bool:
+  """Keeps freed memory (see above) while one call's scratch buffer is at most KEEP_LIMIT
+  bytes; past it, blocks over 32 MiB go back to mmap, which frees them to the kernel.
 
   A heap that keeps freed memory grows by a whole scratch buffer whenever a step cannot
   reuse the last one's, and never shrinks: the full config's 2.8 GiB buffer took it from
-  3.7 to 12.2 GB in 14 steps, each growing step three times as slow (BENCHMARKS.md). Its
-  pages faulted in afresh cost less: about a fifth of a step, at a steady 3.8 GB.
-  Returns whether it handed them back.
+  3.7 to 12.2 GB in 14 steps (BENCHMARKS.md). Mapping such a buffer afresh each step
+  costs its page faults, but the memory stays bounded. Acts only where
+  `keep_freed_host_memory` took effect. Returns whether freed memory is kept now.
   """
-  analysis = compiled.memory_analysis()
-  big = (jax.default_backend() == "cpu" and analysis is not None
-         and analysis.temp_size_in_bytes > KEEP_LIMIT)
-  mallopt = _mallopt() if big else None
+  mallopt = _mallopt() if _kept else None
   if mallopt is None:
     return False
-  # 32 MiB is glibc's largest mmap threshold; smaller blocks stay in the kept heap.
-  return all([mallopt(M_MMAP_THRESHOLD, 32 << 20), mallopt(M_MMAP_MAX, 65536)])
+  if scratch_bytes <= KEEP_LIMIT:
+    return bool(mallopt(M_MMAP_MAX, 0))
+  # 32 MiB is glibc's largest mmap threshold (smaller blocks stay in the kept heap);
+  # 65536 is its default M_MMAP_MAX.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_MMAP_MAX, 65536)
+  return False
 
 
-def _mallopt():
+def scratch_bytes(compiled: jax.stages.Compiled) -> int:
+  """The host scratch buffer one call of `compiled` allocates: its temporaries on the CPU,
+  0 on accelerators (their memory is not glibc's) or where XLA does not say."""
+  if jax.default_backend() != "cpu":
+    return 0
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # not every backend and version implements it
+    return 0
+  return analysis.temp_size_in_bytes if analysis is not None else 0
+
+
+def _mallopt() -> Optional[Callable[[int, int], int]]:
   """glibc's mallopt, or None where there is none (macOS, musl)."""
   if not sys.platform.startswith("linux"):
     return None

@@ -93,8 +93,8 @@ class KVCache:
   would be copied out whole for every decoded token (BENCHMARKS.md).
   """
 
-  k_BHSK: tuple  # one [B, H, S, K] array per layer
-  v_BHSK: tuple
+  k_BHSK: tuple[jax.Array, ...]  # one [B, H, S, K] array per layer
+  v_BHSK: tuple[jax.Array, ...]
   start_B: jax.Array  # int32 [B]: slot of each row's first real token
   end_L: jax.Array  # int32 [L]: slots each layer has written (all equal between model calls)
 
@@ -121,13 +121,13 @@ class KVCache:
     end = self.end_L[layer]
     write = lambda c_BHSK, x_BTHK: jax.lax.dynamic_update_slice(
         c_BHSK, jnp.swapaxes(x_BTHK, 1, 2).astype(c_BHSK.dtype), (0, 0, end, 0))
-    k_BHSK, v_BHSK = list(self.k_BHSK), list(self.v_BHSK)
-    k_BHSK[layer] = write(k_BHSK[layer], k_BTHK)
-    v_BHSK[layer] = write(v_BHSK[layer], v_BTHK)
+    keys, values = list(self.k_BHSK), list(self.v_BHSK)
+    keys[layer] = write(keys[layer], k_BTHK)
+    values[layer] = write(values[layer], v_BTHK)
     T = k_BTHK.shape[1]
-    cache = self.replace(k_BHSK=tuple(k_BHSK), v_BHSK=tuple(v_BHSK),
+    cache = self.replace(k_BHSK=tuple(keys), v_BHSK=tuple(values),
                          end_L=self.end_L.at[layer].add(T))
-    return (cache, jnp.swapaxes(k_BHSK[layer], 1, 2), jnp.swapaxes(v_BHSK[layer], 1, 2),
+    return (cache, jnp.swapaxes(keys[layer], 1, 2), jnp.swapaxes(values[layer], 1, 2),
             end + jnp.arange(T))
 
   def grow(self, slots: int) -> "KVCache":
@@ -297,6 +297,9 @@ class MiniGPT(nn.Module):
         raise ValueError(f"MiniGPT: {T} tokens exceed the context length {cfg.context_len}")
       slots_T = jnp.arange(T)
     else:  # a cache within the context keeps every position inside the position table
+      if not len(cache.k_BHSK) == len(cache.v_BHSK) == cfg.n_layers:
+        raise ValueError(f"MiniGPT: a cache of {len(cache.k_BHSK)} layers for a model of "
+                         f"{cfg.n_layers}")
       if cache.slots > cfg.context_len:
         raise ValueError(f"MiniGPT: a cache of {cache.slots} slots exceeds the context length "
                          f"{cfg.context_len}")

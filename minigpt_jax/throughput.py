@@ -107,7 +107,7 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
-  hardware.fit_host_memory_to(compiled)  # as training does
+  hardware.fit_host_memory_to(hardware.scratch_bytes(compiled))  # as training does
   box = {"state": state, "metrics": None}
 
   def steps_of(n):
@@ -218,6 +218,7 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
                        "warmup_steps": warmup, "data": f"{DATA_TOKENS} random token ids",
                        "results": rows}
     plan = decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached)
+    hardware.fit_host_memory_to(0)  # decode with freed memory kept, as `sample` does
     rows = decode_rows(config, cfg, plan, repeats, decode_segment, decode_unroll, log)
   result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
                       "stop_at_eos": False, "cache_segment": decode_segment,

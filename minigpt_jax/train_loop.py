@@ -49,11 +49,14 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
                                     mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s))
     hooks = Hooks(config, cfg, mesh, reporter, mngr, sharding.put_replicated(mesh, splits["val"]),
                   train_sha256, stop)
-    train_N = sharding.put_replicated(mesh, splits["train"])
     try:
       with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
-        step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
-        step = loop(state, step_fn, train_N, start or 0, end, config.train, hooks)
+        step = start or 0
+        if step < end:
+          train_N = sharding.put_replicated(mesh, splits["train"])
+          step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
+          hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
+          step = loop(state, step_fn, train_N, step, end, config.train, hooks)
     finally:  # also on errors: finish the checkpoint being written, never leave it half-done
       try:
         hooks.finish_saves()

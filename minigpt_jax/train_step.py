@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from minigpt_jax import data, hardware, sharding
+from minigpt_jax import data, sharding
 from minigpt_jax.model import MiniGPT, ModelConfig, init_params
 
 
@@ -109,11 +109,8 @@ def jit_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, batch_size: int
 
 
 def compile_train_step(config, cfg: ModelConfig, mesh, tx, state_sh, state: TrainState,
-                       train_N: jax.Array):
+                       train_N: jax.Array) -> jax.stages.Compiled:
   """`jit_train_step` at config.train.batch_size, compiled for `state` and `train_N` before
-  the first step: how much scratch memory a step needs decides how the host's freed
-  memory is kept (`hardware.fit_host_memory_to`)."""
+  the first step, so that the caller knows its memory needs (`compiled.memory_analysis()`)."""
   step_fn = jit_train_step(config, cfg, mesh, tx, state_sh, config.train.batch_size)
-  compiled = step_fn.lower(state, train_N).compile()
-  hardware.fit_host_memory_to(compiled)
-  return compiled
+  return step_fn.lower(state, train_N).compile()

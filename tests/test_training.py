@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from minigpt_jax import checkpoints, runs, train_loop, train_step
+from minigpt_jax import checkpoints, hardware, runs, train_loop, train_step
 from minigpt_jax.errors import UserError
 from helpers import model_config
 from minigpt_jax.model import init_params
@@ -27,6 +27,19 @@ def test_loss_falls_on_a_tiny_corpus(tiny_config):
   assert first > 3.5  # about ln(99) = 4.6 at the start
   assert last < first - 1.5, s.train_losses
   assert s.val_losses[80] < s.val_losses[40] < first
+
+
+def test_host_memory_follows_the_compiled_steps_scratch_size(tiny_config, monkeypatch):
+  """The step is compiled before the first step, and its scratch size decides how freed
+  host memory is kept (hardware.fit_host_memory_to); a finished run compiles nothing."""
+  sizes = []
+  monkeypatch.setattr(hardware, "fit_host_memory_to", sizes.append)
+  tiny_config.train.steps = 4
+  tiny_config.sample.num_samples = 0
+  train_loop.train(tiny_config, log=quiet)
+  assert len(sizes) == 1 and 0 < sizes[0] < hardware.KEEP_LIMIT
+  train_loop.train(tiny_config, log=quiet)  # already at train.steps
+  assert len(sizes) == 1
 
 
 def test_bfloat16_training_follows_float32(tiny_config):
