@@ -20,7 +20,7 @@ PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # glibc's malloc.h
 # Bytes: the largest scratch buffer a heap that keeps freed memory serves. A choice between
-# the two sizes measured (BENCHMARKS.md): the small config's 320 MiB, kept, and the full
+# the two sizes measured (BENCHMARKS.md): the small config's 304 MiB, kept, and the full
 # config's 2.8 GiB, whose heap grew.
 KEEP_LIMIT = 1 << 30
 _kept = False  # whether keep_freed_host_memory took effect in this process

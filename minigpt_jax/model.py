@@ -89,8 +89,8 @@ class KVCache:
 
   Slot j of row b holds the token at position j - start_B[b]; slots before start_B[b]
   are left padding and never attended to. Each layer has its own arrays, stored
-  head-major ([B, H, S, K], the layout attention reads): a slice of one stacked array
-  would be copied out whole for every decoded token (BENCHMARKS.md).
+  head-major ([B, H, S, K], the layout attention reads): XLA:CPU copied each layer's
+  slice of one stacked array out whole for every decoded token (BENCHMARKS.md).
   """
 
   k_BHSK: tuple[jax.Array, ...]  # one [B, H, S, K] array per layer
