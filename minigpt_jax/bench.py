@@ -1,9 +1,6 @@
 """Training and decoding throughput as JSON (see BENCHMARKS.md):
 
-  python -m minigpt_jax.bench --config configs/full.py [--config.a.b=value ...]
-      [--batch_sizes=32,64,128] [--decode_batches=1,8] [--decode_tokens=N]
-      [--uncached_tokens=N | --skip_uncached] [--decode_segment=S] [--train_steps=K]
-      [--repeats=R] [--json_out=PATH]
+  python -m minigpt_jax.bench --config configs/full.py [--config.a.b=value ...] [flags]
 
 A table goes to stderr and one JSON object to stdout (and to --json_out).
 """
@@ -51,7 +48,14 @@ def main(_):
     json_out = cli.check_output_path(json_out, "--json_out")
   from minigpt_jax import throughput  # after flag parsing: --help stays fast
   with errors.out_of_memory_names("--batch_sizes or --decode_batches"):
-    result = run_benchmark(config, throughput)
+    result = throughput.run(
+        config, batch_sizes=throughput.parse_sizes(_BATCH_SIZES.value, "batch_sizes"),
+        decode_batches=throughput.parse_sizes(_DECODE_BATCHES.value, "decode_batches"),
+        decode_tokens=_DECODE_TOKENS.value, uncached_tokens=_UNCACHED_TOKENS.value,
+        skip_uncached=_SKIP_UNCACHED.value, decode_segment=_DECODE_SEGMENT.value,
+        decode_unroll=_DECODE_UNROLL.value, train_steps=_TRAIN_STEPS.value,
+        repeats=_REPEATS.value, warmup=_WARMUP.value, profile_dir=_PROFILE_DIR.value,
+        command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
   print(throughput.format_table(result), file=sys.stderr, flush=True)
   text = json.dumps(result, indent=1)
   print(text, flush=True)
@@ -61,19 +65,6 @@ def main(_):
       json_out.write_text(text + "\n")
     except OSError as e:  # e.g. a full disk: the JSON is on stdout above
       raise UserError(f"cannot write --json_out {json_out}: {e.strerror or e}")
-
-
-def run_benchmark(config, throughput) -> dict:
-  """`throughput.run` with the flags' settings."""
-  return throughput.run(
-      config, batch_sizes=throughput.parse_sizes(_BATCH_SIZES.value, "batch_sizes"),
-      decode_batches=throughput.parse_sizes(_DECODE_BATCHES.value, "decode_batches"),
-      decode_tokens=_DECODE_TOKENS.value, uncached_tokens=_UNCACHED_TOKENS.value,
-      skip_uncached=_SKIP_UNCACHED.value, decode_segment=_DECODE_SEGMENT.value,
-      decode_unroll=_DECODE_UNROLL.value,
-      train_steps=_TRAIN_STEPS.value, repeats=_REPEATS.value, warmup=_WARMUP.value,
-      profile_dir=_PROFILE_DIR.value,
-      command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

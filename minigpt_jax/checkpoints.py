@@ -7,7 +7,6 @@ Training saves with `manager`; everything else reads with `reader`. A reader pic
 newest step it can restore, retrying when training's retention removes one meanwhile.
 """
 
-import contextlib
 import fcntl
 import gc
 import inspect
@@ -59,18 +58,16 @@ def remove_stale_tmp(run_dir: pathlib.Path) -> None:
   Orbax never lists them nor removes them itself; only a process holding the lock may."""
   if jax.process_index() != 0:  # one process removes them for all
     return
-  try:
-    stale = [p for p in (pathlib.Path(run_dir) / "ckpt").iterdir() if _TMP in p.name]
-  except FileNotFoundError:
-    return
-  for p in stale:
+  for p in list((pathlib.Path(run_dir) / "ckpt").glob(f"*{_TMP}*")):
     if p.is_dir() and not p.is_symlink():
       shutil.rmtree(p, ignore_errors=True)
     else:
       p.unlink(missing_ok=True)
 
 
-def _open_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
+def reader(run_dir: pathlib.Path) -> ocp.CheckpointManager:
+  """A manager that only reads (not Orbax's read_only option, which warns on every use);
+  use it in a `with` block, which closes it."""
   options = ocp.CheckpointManagerOptions(create=False)
   for _ in range(5):
     try:
@@ -78,17 +75,6 @@ def _open_manager(run_dir: pathlib.Path) -> ocp.CheckpointManager:
     except FileNotFoundError:  # a step deleted (retention) while Orbax was listing it: again
       continue
   raise UserError(f"cannot list the checkpoints of {run_dir}: they keep being removed")
-
-
-@contextlib.contextmanager
-def reader(run_dir: pathlib.Path):
-  """A manager that only reads (not Orbax's read_only option, which warns on every use),
-  closed on leaving the block."""
-  mngr = _open_manager(run_dir)
-  try:
-    yield mngr
-  finally:
-    mngr.close()
 
 
 def list_steps(run_dir: pathlib.Path) -> list[int]:
@@ -104,10 +90,8 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
   """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
-  carrying the target shardings, so a run saved on one mesh loads onto another; "meta": None
-  for the JSON metadata)."""
-  args = {k: ocp.args.JsonRestore() if k == "meta" else ocp.args.StandardRestore(v)
-          for k, v in abstract.items()}
+  carrying the target shardings, so a run saved on one mesh loads onto another)."""
+  args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
   return _restore(mngr, step, ocp.args.Composite(**args))
 
 
@@ -302,9 +286,5 @@ def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tu
       return None
     step, got = found
   else:
-    with reader(run_dir) as mngr:
-      got = restore(mngr, step, {"meta": None})
-    if not isinstance(got["meta"], dict):
-      raise UserError(f"cannot restore checkpoint step {step} in {run_dir / 'ckpt'}: it is "
-                      "damaged (its metadata is not a JSON object)")
+    got = _read_whole(run_dir, step, ("meta",))
   return step, got["meta"].get("corpus_sha256", "")

@@ -102,13 +102,10 @@ def validate(c: ConfigDict) -> None:
     raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")
   from minigpt_jax.model import ModelConfig  # here: config files load without JAX
   ModelConfig.from_section(c.model, CharTokenizer().vocab_size)  # checks the model section
-  positive = {"train.steps": c.train.steps, "train.batch_size": c.train.batch_size,
-              "train.log_every": c.train.log_every, "train.eval_every": c.train.eval_every,
-              "train.ckpt_every": c.train.ckpt_every, "train.keep": c.train.keep,
-              "train.eval_batches": c.train.eval_batches}
-  for name, value in positive.items():
-    if not isinstance(value, int) or value < 1:
-      raise UserError(f"{name} must be a positive integer, got {value!r}")
+  for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep",
+               "eval_batches"):
+    if not isinstance(c.train[name], int) or c.train[name] < 1:
+      raise UserError(f"train.{name} must be a positive integer, got {c.train[name]!r}")
   for name in ("max_chars", "max_file_chars"):
     value = c.data[name]
     if not isinstance(value, int) or value < 0:
@@ -134,13 +131,6 @@ def validate(c: ConfigDict) -> None:
   for name, value in (("run_name", c.run_name), ("data.name", c.data.name)):
     if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
       raise UserError(f"{name} must be a plain folder name, got {value!r}")
-  check_init_from(c)
-  if not isinstance(c.train.stop_at_step, int) or c.train.stop_at_step < 0:
-    raise UserError(f"train.stop_at_step must be >= 0 (0 = train.steps), got {c.train.stop_at_step!r}")
-  CharTokenizer().encode(c.sample.prompt)  # its error names the characters
-
-
-def check_init_from(c: ConfigDict) -> None:
   if not isinstance(c.init_from, str):
     raise UserError(f"init_from must be a run directory path or empty, got {c.init_from!r}")
   step = c.init_from_step
@@ -149,3 +139,6 @@ def check_init_from(c: ConfigDict) -> None:
   if step and not c.init_from:
     raise UserError(f"init_from_step is {step} but init_from is empty; set "
                     "--config.init_from to the run to fine-tune")
+  if not isinstance(c.train.stop_at_step, int) or c.train.stop_at_step < 0:
+    raise UserError(f"train.stop_at_step must be >= 0 (0 = train.steps), got {c.train.stop_at_step!r}")
+  CharTokenizer().encode(c.sample.prompt)  # its error names the characters

@@ -3,7 +3,6 @@
 Reads <run>/metrics.jsonl (train loss, periodic val loss, and the syntax-validity
 rate where eval records carry "syntax_rate") and any <run>/eval_step<N>.json
 written by `minigpt_jax.evaluate`, drawn as separate full-split points.
-Needs matplotlib: pip install -e .[plot]
 """
 
 import json
@@ -45,14 +44,8 @@ def _full_evals(run_dir: pathlib.Path) -> list[dict]:
 
 
 def plot_run(run_dir, out=None) -> pathlib.Path:
-  """Draws loss vs steps, loss vs tokens and (when logged) syntax validity vs steps.
-
-  Args:
-    run_dir: a run directory holding metrics.jsonl.
-    out: PNG path (default: <run_dir>/curves.png).
-  Returns:
-    The path written.
-  """
+  """Draws loss vs steps, loss vs tokens and (when logged) syntax validity vs steps of the
+  run at `run_dir` into the PNG `out` (default: <run_dir>/curves.png). Returns the path."""
   run_dir = pathlib.Path(run_dir)
   metrics_path = run_dir / "metrics.jsonl"
   if not metrics_path.is_file():

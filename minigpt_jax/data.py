@@ -1,12 +1,8 @@
 """The Python-source corpus: build it once into `data/<name>/`, then load and batch it.
 
-A prepared corpus is `train.bin` and `val.bin` (uint8 token ids, files separated
-by `<eos>`) and `manifest.json` (settings, sources, sizes, sha256, dropped
-characters, files left out). Loading checks the manifest against the settings and the
-files against their sha256, so a stale or corrupt corpus is refused, not used.
-
-The folder itself (reading it, writing it atomically, putting it back after a killed
-rebuild) is `corpus_folder`'s.
+Loading checks the manifest against the settings and the splits against their sha256, so a
+stale or corrupt corpus is refused, not used. The folder itself (its files, writing it
+atomically, putting it back after a killed rebuild) is `corpus_folder`'s.
 """
 
 import hashlib
@@ -57,17 +53,6 @@ def python_files(root: pathlib.Path, skip=()) -> Iterator[pathlib.Path]:
         yield here / name
 
 
-def encode_source(raw: bytes, tok: CharTokenizer) -> tuple[np.ndarray, int, int]:
-  """Source bytes -> token ids, with newlines normalised to \\n (tabs kept).
-
-  Returns (ids, non-ASCII characters dropped, other out-of-vocabulary characters dropped).
-  """
-  text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-  ascii_bytes = text.encode("ascii", errors="ignore")
-  ids, n_control = tok.encode_bytes(ascii_bytes)
-  return ids, len(text) - len(ascii_bytes), n_control
-
-
 def read_regular(path: pathlib.Path) -> bytes | None:
   """The bytes of `path` (after symlinks) if it is a regular file, else None: a FIFO, socket
   or device is never read (opening a FIFO waits for a writer, forever)."""
@@ -89,16 +74,20 @@ def first_sighting(path: pathlib.Path, seen: set) -> bool:
 
 
 def encode_file(path: pathlib.Path, tok: CharTokenizer, max_file_chars: int):
-  """One source file as the corpus takes it: (ids, non-ASCII dropped, others dropped, skip),
-  where `skip` says why the file is left out ("unreadable", "not_regular", "too_large",
-  "empty") or is None. `max_file_chars` 0 means no limit."""
+  """One source file as the corpus takes it, newlines normalised to \\n (tabs kept): (ids,
+  non-ASCII characters dropped, other out-of-vocabulary characters dropped, skip), where
+  `skip` says why the file is left out ("unreadable", "not_regular", "too_large", "empty")
+  or is None. `max_file_chars` 0 means no limit."""
   try:
     raw = read_regular(path)
   except OSError:
     return None, 0, 0, "unreadable"
   if raw is None:
     return None, 0, 0, "not_regular"
-  ids, n_non_ascii, n_control = encode_source(raw, tok)
+  text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+  ascii_bytes = text.encode("ascii", errors="ignore")
+  ids, n_control = tok.encode_bytes(ascii_bytes)
+  n_non_ascii = len(text) - len(ascii_bytes)
   if max_file_chars and ids.size > max_file_chars:
     return None, 0, 0, "too_large"
   if ids.size == 0:

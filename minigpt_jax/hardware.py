@@ -19,9 +19,8 @@ from minigpt_jax.model import ModelConfig
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # glibc's malloc.h
-# Bytes: the largest scratch buffer a heap that keeps freed memory serves. A choice between
-# the two sizes measured (BENCHMARKS.md): the small config's 304 MiB, kept, and the full
-# config's 2.8 GiB, whose heap grew.
+# Bytes: the largest scratch buffer a heap that keeps freed memory serves; a choice between
+# the small config's buffer, kept, and the full config's, whose heap grew (BENCHMARKS.md).
 KEEP_LIMIT = 1 << 30
 _kept = False  # whether keep_freed_host_memory took effect in this process
 
@@ -63,11 +62,9 @@ def cudnn_attention_works(context_len: int, n_heads: int, head_dim: int, dtype: 
 def keep_freed_host_memory() -> bool:
   """Asks glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
-  XLA:CPU allocates each call's scratch buffer afresh (304 MiB for the small config's training
-  step). glibc serves a block that large with mmap and unmaps it when freed, so every step
-  the kernel maps and zero-fills the whole working set again (the page faults in
-  BENCHMARKS.md). One arena, no mmap and no trimming make the freed buffer the next
-  call's; `fit_host_memory_to` gives up the no-mmap part for very large buffers. Must run
+  XLA:CPU allocates each call's scratch buffer afresh; glibc serves a block that large with
+  mmap and unmaps it when freed, so every step the kernel maps and zero-fills the working set
+  again. One arena, no mmap and no trimming make the freed buffer the next call's. Must run
   before JAX starts its threads; GPU memory is unaffected. Returns whether glibc took the
   settings (False elsewhere, e.g. macOS or musl).
   """
@@ -82,13 +79,10 @@ def keep_freed_host_memory() -> bool:
 
 def fit_host_memory_to(scratch_bytes: int) -> bool:
   """Keeps freed memory (see above) while one call's scratch buffer is at most KEEP_LIMIT
-  bytes; past it, blocks over 32 MiB go back to mmap, which frees them to the kernel.
-
-  A heap that keeps freed memory grows by a whole scratch buffer whenever a step cannot
-  reuse the last one's, and never shrinks: the full config's 2.8 GiB buffer took it from
-  3.7 to 12.2 GB in 14 steps (BENCHMARKS.md). Mapping such a buffer afresh each step
-  costs its page faults, but the memory stays bounded. Acts only where
-  `keep_freed_host_memory` took effect. Returns whether freed memory is kept now.
+  bytes; past it, blocks over 32 MiB go back to mmap, which frees them to the kernel: a heap
+  that keeps freed memory grows by a whole buffer whenever a step cannot reuse the last one's,
+  and never shrinks. Acts only where `keep_freed_host_memory` took effect. Returns whether
+  freed memory is kept now.
   """
   mallopt = _mallopt() if _kept else None
   if mallopt is None:
@@ -104,13 +98,18 @@ def fit_host_memory_to(scratch_bytes: int) -> bool:
 def scratch_bytes(compiled: jax.stages.Compiled) -> int:
   """The host scratch buffer one call of `compiled` allocates: its temporaries on the CPU,
   0 on accelerators (their memory is not glibc's) or where XLA does not say."""
-  if jax.default_backend() != "cpu":
-    return 0
+  memory = compiled_memory(compiled) if jax.default_backend() == "cpu" else None
+  return memory["temp_bytes"] if memory else 0
+
+
+def compiled_memory(compiled: jax.stages.Compiled) -> Optional[dict]:
+  """XLA's static buffer sizes for a compiled executable (works on CPU too), or None."""
   try:
-    analysis = compiled.memory_analysis()
+    m = compiled.memory_analysis()
   except Exception:  # not every backend and version implements it
-    return 0
-  return analysis.temp_size_in_bytes if analysis is not None else 0
+    return None
+  names = ("argument", "output", "alias", "temp")
+  return None if m is None else {f"{n}_bytes": int(getattr(m, f"{n}_size_in_bytes")) for n in names}
 
 
 def _mallopt() -> Optional[Callable[[int, int], int]]:

@@ -40,11 +40,6 @@ def write_stream(pieces: Iterable[tuple[int, str]], rows: list[str], num_samples
   return texts
 
 
-def default_new_tokens(context_len: int) -> int:
-  """New tokens per answer without --max_new_tokens: half the context, the rest for prompts."""
-  return max(1, context_len // 2)
-
-
 def read_prompt(read_line: Callable[[str], str], tty: bool) -> Optional[str]:
   """The next prompt from `read_line` (like `input`), or None at the end of input or for an
   empty first line. Lines ending in a backslash continue the prompt."""
@@ -80,7 +75,7 @@ def loop(run, *, max_new_tokens: int, sampling: generate.SamplingConfig, seed: i
   while (prompt := read_prompt(read_line, tty)) is not None:
     pieces = streaming.stream_text(params, cfg, run.tokenizer, [prompt],
                                   max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                  stop_at_eos=stop_at_eos, prompt_slots=slots)
+                                  stop_at_eos=stop_at_eos, fill_context=True)
     try:  # at a terminal the prompt is on the screen already: print only the continuation
       write_stream(pieces, ["" if tty else prompt], 1, out)
     except UserError as e:

@@ -88,9 +88,8 @@ class KVCache:
   """Keys and values of every layer, passed into and returned from `MiniGPT.__call__`.
 
   Slot j of row b holds the token at position j - start_B[b]; slots before start_B[b]
-  are left padding and never attended to. Each layer has its own arrays, stored
-  head-major ([B, H, S, K], the layout attention reads): XLA:CPU copied each layer's
-  slice of one stacked array out whole for every decoded token (BENCHMARKS.md).
+  are left padding and never attended to. Each layer has its own arrays (XLA:CPU copied a
+  layer's slice of one stacked array whole for every token), head-major as attention reads.
   """
 
   k_BHSK: tuple[jax.Array, ...]  # one [B, H, S, K] array per layer
@@ -242,7 +241,6 @@ class MultiHeadAttention(nn.Module):
       mask_B1TS = attention_mask(q_slots_T, jnp.arange(keys_BSHK.shape[1]), start_B)
       out_BTHK = attend(q_BTHK, keys_BSHK, values_BSHK, mask_B1TS)
 
-    check_shape(self, "attention output", out_BTHK, (B, T, cfg.n_heads, cfg.head_dim))
     y_BTD = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.dtype, name="out",
                             kernel_init=_dense_init(1 / math.sqrt(2 * cfg.n_layers)))(out_BTHK)
     return y_BTD, cache
@@ -261,7 +259,6 @@ class FeedForward(nn.Module):
     h_BTF = jax.nn.gelu(h_BTF)
     y_BTD = nn.Dense(cfg.d_model, dtype=cfg.dtype, name="down",
                      kernel_init=_dense_init(1 / math.sqrt(2 * cfg.n_layers)))(h_BTF)
-    check_shape(self, "output", y_BTD, x_BTD.shape)
     return y_BTD
 
 
@@ -319,7 +316,6 @@ class MiniGPT(nn.Module):
     logits_BTV = nn.Dense(cfg.padded_vocab, use_bias=False, dtype=jnp.float32,
                           kernel_init=_dense_init(), name="lm_head")(x_BTD.astype(jnp.float32))
     logits_BTV = logits_BTV[..., :cfg.vocab_size]
-    check_shape(self, "logits", logits_BTV, (B, T, cfg.vocab_size))
     return logits_BTV, cache
 
 

@@ -29,8 +29,10 @@ def bucket(n: int, limit: int) -> int:
   return max(n, min(b, limit))
 
 
-def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int):
-  """Left-pads encoded prompts, each led by `<eos>`, to a shared bucket length P.
+def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int,
+                fill_context: bool = False):
+  """Left-pads encoded prompts, each led by `<eos>`, to a shared bucket length P (with
+  `fill_context`: all the slots `max_new_tokens` leave, whatever the prompts' lengths).
 
   Returns (tokens_BP int32, start_B int32: the slot of each row's marker).
   Raises UserError if there is no prompt, or a prompt plus the new tokens would not fit.
@@ -46,7 +48,8 @@ def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int
         f"prompt of {longest - 1} chars + max_new_tokens {max_new_tokens} exceed the context "
         f"length {context_len} (one slot holds the start marker); shorten the prompt or lower "
         "max_new_tokens")
-  P = bucket(longest, context_len - max_new_tokens)
+  limit = context_len - max_new_tokens
+  P = limit if fill_context else bucket(longest, limit)
   tokens_BP = np.full((len(rows), P), PAD_ID, np.int32)
   start_B = np.array([P - len(r) for r in rows], np.int32)
   for row, (r, s) in enumerate(zip(rows, start_B)):

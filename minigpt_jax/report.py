@@ -8,20 +8,8 @@ import sys
 import time
 
 
-class MetricsLog:
-  """Appends one JSON object per line; the source of truth for plots and reports."""
-
-  def __init__(self, path: pathlib.Path, enabled: bool = True):
-    self.path, self.enabled = pathlib.Path(path), enabled
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 class TensorBoardLog:
-  """The records of `MetricsLog` as TensorBoard event files in `folder`, when tensorboardX
+  """The records of metrics.jsonl as TensorBoard event files in `folder`, when tensorboardX
   (the optional extra "tensorboard") is installed; metrics.jsonl stays the source of truth."""
 
   _noted = False  # the note that the writer is missing is logged once per process
@@ -128,14 +116,15 @@ class TrainReporter:
                tokens_per_step: int, mfu_fn):
     self.run_dir, self.lead = pathlib.Path(run_dir), lead
     self.tokens_per_step, self.mfu_fn = tokens_per_step, mfu_fn
-    self.log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=lead)
     self.tensorboard = TensorBoardLog(self.run_dir, enabled=lead)
     self.progress = Progress(start, total, enabled=lead)
     self.train_losses, self.val_losses = {}, {}
     self.restart_clock(start)
 
   def write(self, record: dict) -> None:
-    self.log.write(record)
+    if self.lead:  # metrics.jsonl, one JSON object per line: the source of truth
+      with (self.run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
     self.tensorboard.write(record)
 
   def close(self) -> None:

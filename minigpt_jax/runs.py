@@ -21,6 +21,7 @@ from typing import Optional
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from minigpt_jax import checkpoints, hardware, sharding
 from minigpt_jax.config import base_config
@@ -38,15 +39,8 @@ RESUMABLE_CHANGES = ("workdir", "run_name", "data.dir", "data.rebuild", "train.s
 # --- the run's own files --------------------------------------------------------------------
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
-  out = {}
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        walk(v, f"{prefix}{k}.")
-      else:
-        out[f"{prefix}{k}"] = list(v) if isinstance(v, (list, tuple)) else v
-  walk(config.to_dict(), "")
-  return out
+  flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+  return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in flat.items()}
 
 
 def check_resumable(run_dir: pathlib.Path, config: ml_collections.ConfigDict) -> None:

@@ -62,16 +62,6 @@ def check_streaming_flags() -> None:
     raise UserError("--interactive answers each prompt once; drop --num_samples")
 
 
-def interactive_session(run, sampling) -> None:
-  from minigpt_jax import interactive
-  max_new = _MAX_NEW.value
-  if not flags.FLAGS["max_new_tokens"].present:  # prompts are not known yet: half the context
-    max_new = interactive.default_new_tokens(run.model_cfg.context_len)
-  with errors.out_of_memory_names("--max_new_tokens"):
-    interactive.loop(run, max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
-                     stop_at_eos=_STOP.value, tty=sys.stdin.isatty())
-
-
 def main(_):
   if _NUM.value < 1:
     raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
@@ -89,12 +79,16 @@ def main(_):
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
   run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
-  if _INTERACTIVE.value:
-    return interactive_session(run, sampling)
-  rows = [p for p in prompts for _ in range(_NUM.value)]
-  max_new = _MAX_NEW.value
+  max_new, context_len = _MAX_NEW.value, run.model_cfg.context_len
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
-    max_new = prompts_lib.fit_new_tokens(max_new, map(len, prompts), run.model_cfg.context_len)
+    max_new = (max(1, context_len // 2) if _INTERACTIVE.value else  # prompts not known yet
+               prompts_lib.fit_new_tokens(max_new, map(len, prompts), context_len))
+  if _INTERACTIVE.value:
+    with errors.out_of_memory_names("--max_new_tokens"):
+      interactive.loop(run, max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
+                       stop_at_eos=_STOP.value, tty=sys.stdin.isatty())
+    return
+  rows = [p for p in prompts for _ in range(_NUM.value)]
   t0 = time.perf_counter()
   with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
     if _STREAM.value:
@@ -114,11 +108,8 @@ def main(_):
                       "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                                   for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
-  # streamed texts are on the screen already
-  for i, (p, t) in enumerate(zip(rows, [] if _STREAM.value else texts)):
-    if len(rows) > 1:
-      print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
-    sys.stdout.write(p + t + "\n")
+  if not _STREAM.value:  # streamed texts are on the screen already
+    interactive.write_stream(enumerate(texts), rows, _NUM.value)
   print(f"[step {run.step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
 

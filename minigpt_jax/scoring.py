@@ -136,42 +136,16 @@ def sample_validity(params, cfg, tok, prompts: list[str], *, max_new_tokens: int
   return result
 
 
-def syntax_validity(params, cfg: ModelConfig, tok: CharTokenizer, num_samples: int,
-                    max_new_tokens: int, seed: int = 0,
-                    sampling: SamplingConfig | None = None) -> dict:
-  """Samples `num_samples` continuations of `PROMPTS` (in turn) and checks their syntax.
-
-  Returns `sample_validity`'s dict plus "by_prompt" rates.
-  """
-  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_samples)]
-  result = sample_validity(params, cfg, tok, prompts, max_new_tokens=max_new_tokens,
-                           sampling=sampling or default_sampling(), seed=seed)
-  result["by_prompt"] = {}
-  for p in PROMPTS:
-    rows = [s["kept_chars"] for q, s in zip(prompts, result["samples"]) if q == p]
-    if rows:
-      result["by_prompt"][p] = {"n": len(rows), "rate": sum(k > 0 for k in rows) / len(rows)}
-  return result
-
-
 # --- the evaluate report --------------------------------------------------------------------
 
 def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
                         num_samples: int = 64, max_new_tokens: int = 256,
                         batch_size: int | None = None, seed: int = 0,
                         compute_dtype: str | None = None, log=print) -> dict:
-  """Loads a checkpoint and measures it. Returns the report `write_report` saves.
-
-  Args:
-    path: a run directory (latest step) or its ckpt/<step> folder.
-    step: checkpoint step, overriding the one `path` names.
-    extra_corpora: folders of .py files, each scored like the validation split.
-    num_samples: samples for the syntax check (0 skips it).
-    max_new_tokens: characters per sample, lowered to fit the context if needed.
-    batch_size: windows per evaluation batch (default: the run's train.batch_size).
-    seed: sampling seed.
-    compute_dtype: "float32" or "bfloat16" (default: "auto" as in training, resolved here).
-  """
+  """Loads checkpoint `path` (a run directory, or its ckpt/<step>) and measures it: the val
+  split and each of `extra_corpora` (folders of .py files) scored whole, and `num_samples`
+  samples (0: none) checked for syntax. `batch_size` None: the run's train.batch_size.
+  Returns the report `write_report` saves."""
   if num_samples < 0 or max_new_tokens < 1:
     raise UserError("num_samples must be >= 0 and max_new_tokens >= 1")
   for folder in extra_corpora:  # before the slow part
@@ -208,7 +182,8 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
 
 def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int, seed: int,
                   log=print) -> dict:
-  """The report's "syntax" section: `syntax_validity` with its settings."""
+  """The report's "syntax" section: `sample_validity` of `num_samples` continuations of
+  `PROMPTS` (in turn), with its settings and the rate per prompt."""
   cfg = run.model_cfg
   fit = room_after_prompt(max(len(p) for p in PROMPTS), cfg.context_len)
   if fit < 1:
@@ -217,10 +192,15 @@ def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int, se
   if max_new_tokens > fit:
     log(f"max_new_tokens {max_new_tokens} lowered to {fit} to fit the context")
   sampling = default_sampling()
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_samples)]
+  result = sample_validity(run.params, cfg, run.tokenizer, prompts,
+                           max_new_tokens=min(max_new_tokens, fit), sampling=sampling, seed=seed)
+  kept = {p: [s["kept_chars"] for q, s in zip(prompts, result["samples"]) if q == p]
+          for p in PROMPTS}
   return {"prompts": list(PROMPTS), "seed": seed, "max_new_tokens": min(max_new_tokens, fit),
-          "temperature": sampling.temperature, "top_p": sampling.top_p,
-          **syntax_validity(run.params, cfg, run.tokenizer, num_samples,
-                            min(max_new_tokens, fit), seed, sampling)}
+          "temperature": sampling.temperature, "top_p": sampling.top_p, **result,
+          "by_prompt": {p: {"n": len(k), "rate": sum(c > 0 for c in k) / len(k)}
+                        for p, k in kept.items() if k}}
 
 
 def format_report(out: dict) -> str:

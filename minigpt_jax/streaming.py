@@ -25,7 +25,7 @@ STREAM_CHUNK = 16
 
 def stream_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
                 max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
-                stop_at_eos: bool = True, prompt_slots: int = 0) -> Iterator[tuple[int, str]]:
+                stop_at_eos: bool = True, fill_context: bool = False) -> Iterator[tuple[int, str]]:
   """`generate_text` as it is produced: yields (row, piece), rows in order and each at least
   once, whose pieces add up to the row's text.
 
@@ -35,7 +35,7 @@ def stream_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str]
   pieces, ended, row = [[] for _ in prompts], [False] * len(prompts), 0
   for new_BC in stream_tokens(params, cfg, [tok.encode(p) for p in prompts],
                               max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                              stop_at_eos=stop_at_eos, prompt_slots=prompt_slots):
+                              stop_at_eos=stop_at_eos, fill_context=fill_context):
     for r, new_C in enumerate(new_BC):
       if not ended[r]:
         pieces[r].append(tok.decode(new_C, stop_at_eos=stop_at_eos))
@@ -58,19 +58,16 @@ def _rows_in_order(pieces: list[list[str]], ended: list[bool], row: int):
 
 def stream_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
                   sampling: SamplingConfig, seed: int = 0, stop_at_eos: bool = True,
-                  prompt_slots: int = 0, chunk: int = STREAM_CHUNK,
+                  fill_context: bool = False, chunk: int = STREAM_CHUNK,
                   segment: int = DECODE_SEGMENT) -> Iterator[np.ndarray]:
   """`generate_tokens` (cached) as it is produced: yields new token ids [B, n], token 0
   first, then up to `chunk` at a time; the same tokens (cache plan, keys and picks). With
   `stop_at_eos` it stops once every row has produced `<eos>`: the rest would be `<pad>`.
 
-  `prompt_slots` > 0 pads the prompts to that many slots instead of their bucket, so that
-  prompts of every length share one compile.
+  `fill_context` pads the prompts to all the slots the new tokens leave instead of their
+  bucket, so that prompts of every length share one compile.
   """
-  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
-  if prompt_slots:
-    limit = cfg.context_len - max_new_tokens
-    tokens_BP, start_B = pad_more(tokens_BP, start_B, prompt_slots, limit)
+  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len, fill_context)
   params = compute_params(params, cfg)
   cache = KVCache.init(cfg, *tokens_BP.shape, start_B)
   logits_BV, cache = prefill(params, cfg, jnp.asarray(tokens_BP), cache)
@@ -81,14 +78,6 @@ def stream_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_ne
     yield new.reshape(len(new), -1)[:, :calls]
     if stop_at_eos and np.asarray(done_B).all():
       return
-
-
-def pad_more(tokens_BP: np.ndarray, start_B: np.ndarray, slots: int, limit: int):
-  """Left-pads `pad_prompts`' output to `slots` (<= `limit`, the slots the new tokens leave)."""
-  P = tokens_BP.shape[1]
-  if not P <= slots <= limit:
-    raise ValueError(f"prompt_slots must be in [{P}, {limit}], got {slots}")
-  return np.pad(tokens_BP, ((0, 0), (slots - P, 0)), constant_values=PAD_ID), start_B + slots - P
 
 
 def _one_ahead(items):

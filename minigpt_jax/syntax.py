@@ -28,67 +28,39 @@ def _parses(text: str) -> tuple[bool, int | None]:
 
 
 def cut_to_complete(text: str, truncated: bool = False) -> str:
-  """The longest prefix of `text` that ends at a top-level statement boundary and parses.
+  """The longest prefix of `text` that ends at a top-level statement boundary, parses and
+  holds at least one statement ("" if none does).
 
-  Candidate cuts are the starts of lines that begin with neither whitespace nor
-  "#", tried from the end backwards, plus the end of the text itself unless
-  `truncated`. Each failed parse reports the line of its error; no valid program
-  can keep that line (the parser got no further than it), so later candidates
-  are skipped: a handful of parses per sample, not one per line.
-
-  Args:
-    text: prompt plus continuation.
-    truncated: the text was cut off (say at max_new_tokens) rather than ending at
-      end of file, so its last statement may be unfinished even if it parses
-      ("x = 1" from "x = 12"): the end of the text is then not a cut point.
-  Returns:
-    The kept prefix; "" if no prefix holding at least one statement parses.
+  Candidate cuts are the starts of lines that begin with neither whitespace nor "#", tried
+  from the end backwards, plus the end of the text unless `truncated` (cut off, say at
+  max_new_tokens, so its last statement may be unfinished even if it parses: "x = 1" from
+  "x = 12"). No valid program can keep the line a failed parse reports (the parser got no
+  further), so later candidates are skipped: a handful of parses per sample, not one per line.
   """
   cuts = [m.start() for m in _STATEMENT_START.finditer(text)]
   if not truncated:
     cuts.append(len(text))
+  lines = text.split("\n")
   limit = len(text)  # no valid prefix extends past this offset
   for cut in reversed(cuts):
     if cut > limit or cut == 0:
       continue
     ok, err_line = _parses(text[:cut])
     if ok:
-      return text[:cut] if _has_statement(text[:cut]) else ""
-    if err_line is not None:
-      limit = min(limit, _line_offset(text, err_line))
+      return text[:cut] if ast.parse(text[:cut]).body else ""
+    if err_line is not None:  # the offset where line err_line starts
+      limit = min(limit, sum(len(l) + 1 for l in lines[:max(err_line - 1, 0)]))
   return ""
 
 
-def _line_offset(text: str, line: int) -> int:
-  """Offset of the start of 1-based `line` (len(text) past the last line)."""
-  pos = 0
-  for _ in range(line - 1):
-    pos = text.find("\n", pos) + 1
-    if pos == 0:
-      return len(text)
-  return pos
+def validity(samples: list[str], truncated: list[bool]) -> dict:
+  """How much of each sample (prompt included, see above) is a valid program; `truncated`
+  per sample as in `cut_to_complete`.
 
-
-def _has_statement(code: str) -> bool:
-  return bool(ast.parse(code).body)
-
-
-def validity(samples: list[str], truncated: list[bool] | None = None) -> dict:
-  """How much of each sample is a valid program.
-
-  Args:
-    samples: texts, each including the prompt it continues (see the module doc).
-    truncated: per sample, as in `cut_to_complete` (default: none truncated).
-  Returns:
-    {"n": samples, "valid": samples whose kept prefix is non-empty,
-     "rate": valid / n, "mean_kept_chars": mean kept prefix length,
-     "mean_kept_fraction": mean of kept length / sample length (0 for an empty
-     sample), "kept_chars": per-sample kept lengths}.
+  Returns {"n", "valid": samples whose kept prefix is non-empty, "rate": valid / n,
+  "mean_kept_chars", "mean_kept_fraction" (an empty sample counts 0), "kept_chars": per sample}.
   """
-  truncated = truncated if truncated is not None else [False] * len(samples)
-  if len(truncated) != len(samples):
-    raise ValueError(f"{len(samples)} samples but {len(truncated)} truncated flags")
-  kept = [len(cut_to_complete(s, t)) for s, t in zip(samples, truncated)]
+  kept = [len(cut_to_complete(s, t)) for s, t in zip(samples, truncated, strict=True)]
   n = len(samples)
   valid = sum(k > 0 for k in kept)
   return {

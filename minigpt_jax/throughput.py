@@ -64,24 +64,10 @@ def rate(count: float, seconds: list[float]) -> tuple[float, list[float]]:
   return count / statistics.median(seconds), [count / s for s in seconds]
 
 
-def tflops_per_s(flops_per_token: float, tokens_per_s: float) -> float:
-  return flops_per_token * tokens_per_s / 1e12
-
-
 def peak_memory_bytes(device=None) -> Optional[int]:
   """The backend's peak bytes in use so far in this process, or None (CPU reports nothing)."""
   stats = (device or jax.devices()[0]).memory_stats()
   return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
-
-
-def compiled_memory(compiled) -> Optional[dict]:
-  """XLA's static buffer sizes for a compiled executable (works on CPU too), or None."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  names = ("argument", "output", "alias", "temp")
-  return None if m is None else {f"{n}_bytes": int(getattr(m, f"{n}_size_in_bytes")) for n in names}
 
 
 def environment() -> dict:
@@ -124,8 +110,8 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
       "lower_s": t1 - t0, "compile_s": t2 - t1,
       "step_s": statistics.median(seconds) / steps,
       "tokens_per_s": tok_s, "tokens_per_s_repeats": tok_s_each,
-      "tflops_per_s": tflops_per_s(fpt, tok_s), "mfu": hardware.mfu(fpt, tok_s),
-      "peak_memory_bytes": peak_memory_bytes(), "compiled_memory": compiled_memory(compiled),
+      "tflops_per_s": fpt * tok_s / 1e12, "mfu": hardware.mfu(fpt, tok_s),
+      "peak_memory_bytes": peak_memory_bytes(), "compiled_memory": hardware.compiled_memory(compiled),
       "final_loss": float(box["metrics"]["loss"]),
   }
   return row, box["state"]
@@ -177,20 +163,9 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
         train_steps: int = 10, repeats: int = 5,
         warmup: int = 2, command: str = "", profile_dir: Optional[str] = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-  """Runs the benchmark for `config` and returns the result as a JSON-ready dict.
-
-  Args:
-    batch_sizes: training batch sizes (sequences); None = config.train.batch_size, [] = none.
-    decode_batches: decode batch sizes; [] = no decoding.
-    decode_tokens: new tokens per row; 0 = context_len - 1 (the most an empty prompt allows).
-    uncached_tokens: new tokens for the uncached path (0 = decode_tokens); when it differs,
-      the cached path is measured at this length too, so the speedup compares like with like.
-    decode_segment: the cached decode's cache grows this many slots at a time (0: none;
-      None: as when sampling).
-    decode_unroll: decode steps per scan iteration (None: as when sampling).
-    profile_dir: write a `jax.profiler` trace of the whole benchmark there (TensorBoard's
-      profile plugin reads it; the .trace.json.gz file opens in ui.perfetto.dev).
-  """
+  """Runs the benchmark for `config` and returns the result as a JSON-ready dict. The
+  arguments are `bench`'s flags; `batch_sizes` None: config.train.batch_size, []: none;
+  `decode_segment` and `decode_unroll` None: as when sampling."""
   decode_segment = generate.DECODE_SEGMENT if decode_segment is None else decode_segment
   decode_unroll = generate.DECODE_UNROLL if decode_unroll is None else decode_unroll
   if decode_unroll < 1:

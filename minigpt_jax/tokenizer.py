@@ -12,6 +12,9 @@ PAD_ID, EOS_ID = 0, 1
 # Ids 0 and 1 are the specials; characters follow in a fixed, documented order.
 CHARS = "\t\n" + "".join(chr(c) for c in range(32, 127))
 _MISSING = 255  # marks bytes outside the vocabulary in the lookup table
+_LUT = np.full(256, _MISSING, np.uint8)  # byte -> id
+_LUT[[ord(c) for c in CHARS]] = np.arange(2, len(CHARS) + 2)
+_ITOS = np.array(["", ""] + list(CHARS), dtype=object)  # id -> text; `decode` spells out <eos>
 
 
 class TokenizerError(UserError, ValueError):
@@ -25,34 +28,18 @@ class CharTokenizer:
   Ids: 0 `<pad>`, 1 `<eos>`, then tab, newline and printable ASCII (99 in all).
   """
 
-  chars: str = CHARS
-
-  def __post_init__(self):
-    lut = np.full(256, _MISSING, np.uint8)
-    for i, ch in enumerate(self.chars):
-      lut[ord(ch)] = i + 2
-    object.__setattr__(self, "_lut", lut)
-    object.__setattr__(self, "_itos", np.array([""] * 2 + list(self.chars), dtype=object))
-
   @property
   def vocab_size(self) -> int:
-    return len(self.chars) + 2
+    return len(CHARS) + 2
 
   def encode(self, text: str, errors: str = "strict") -> np.ndarray:
-    """Encodes `text` to uint8 ids.
-
-    Args:
-      text: the text.
-      errors: as in Python codecs: "strict" raises `TokenizerError` naming the
-        characters and their positions, "replace" maps them to "?", "ignore"
-        drops them.
-    Returns:
-      ids, shape [len(text)] ("ignore" may make it shorter).
-    """
+    """Encodes `text` to uint8 ids [len(text)]. `errors` as in Python's codecs: "strict"
+    raises `TokenizerError` naming the characters and their positions, "replace" maps them
+    to "?", "ignore" drops them (the ids are then fewer)."""
     # surrogatepass: undecodable bytes in argv arrive as lone surrogates; they are
     # reported as characters outside the vocabulary like any other.
     codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-    ids = self._lut[np.minimum(codepoints, 255)]  # lut[255] is _MISSING
+    ids = _LUT[np.minimum(codepoints, 255)]  # lut[255] is _MISSING
     bad = np.flatnonzero(ids == _MISSING)
     if bad.size == 0:
       return ids
@@ -64,7 +51,7 @@ class CharTokenizer:
           f"newline, tab): {shown}{more}")
     if errors == "replace":
       ids = ids.copy()
-      ids[bad] = self._lut[ord("?")]
+      ids[bad] = _LUT[ord("?")]
       return ids
     if errors == "ignore":
       return np.delete(ids, bad)
@@ -79,22 +66,19 @@ class CharTokenizer:
         ids = ids[: hits[0]]
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise ValueError(f"ids out of range [0, {self.vocab_size}): {ids.min()}..{ids.max()}")
-    pieces = self._itos[ids]
+    pieces = _ITOS[ids]
     pieces[ids == EOS_ID] = EOS
     return "".join(pieces)
 
   def encode_bytes(self, raw: bytes) -> tuple[np.ndarray, int]:
     """Encodes ASCII bytes for the corpus builder, dropping what is not in the vocabulary.
-
-    Returns:
-      (ids, number of bytes dropped).
-    """
-    ids = self._lut[np.frombuffer(raw, np.uint8)]
+    Returns (ids, number of bytes dropped)."""
+    ids = _LUT[np.frombuffer(raw, np.uint8)]
     keep = ids != _MISSING
     return ids[keep], int(ids.size - keep.sum())
 
   def to_dict(self) -> dict:
-    return {"kind": "char", "chars": self.chars, "specials": [PAD, EOS]}
+    return {"kind": "char", "chars": CHARS, "specials": [PAD, EOS]}
 
   @classmethod
   def from_dict(cls, d: dict) -> "CharTokenizer":

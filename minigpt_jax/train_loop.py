@@ -133,43 +133,34 @@ def check_fits(config, cfg: ModelConfig, splits: dict):
 def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start, say,
                     source=None):
   """A new run's state (and its config.json and tokenizer.json): fresh, or with the
-  parameters of checkpoint `source` (run directory, step) to fine-tune; or the state of
-  checkpoint `start`, laid out on `mesh`. Returns (state, optimizer, state shardings)."""
+  parameters of checkpoint `source` (run directory, step) to fine-tune and a fresh optimizer
+  state (its schedule starts over too); or the state of checkpoint `start`, laid out on
+  `mesh`. Returns (state, optimizer, state shardings)."""
   run_dir.mkdir(parents=True, exist_ok=True)
   sharding.sync_processes("run dir checked")  # before the lead writes config.json
   tx, abstract, state_sh = train_step.state_layout(config, cfg, mesh)
+  target = sharding.with_shardings(abstract, state_sh)  # what Orbax restores onto
   if start is None:
     if jax.process_index() == 0:
       runs.write_run_files(run_dir, config, CharTokenizer())
-    state = (train_step.fresh_state(config, cfg, tx, state_sh) if source is None else
-             finetune_state(source, tx, abstract, state_sh, say))
+    state = train_step.fresh_state(config, cfg, tx, state_sh)
+    if source is not None:  # AdamW's fresh state is the same whatever the parameters
+      with checkpoints.reader(source[0]) as mngr:
+        params = checkpoints.restore(mngr, source[1], {"params": target.params})["params"]
+      state = state.replace(params=params)
+      say(f"fine-tuning from {source[0]} step {source[1]}: its parameters, a fresh optimizer")
   else:
     with checkpoints.reader(run_dir) as mngr:
-      got = checkpoints.restore(mngr, start, {
-          "params": sharding.with_shardings(abstract.params, state_sh.params),
-          "opt_state": sharding.with_shardings(abstract.opt_state, state_sh.opt_state)})
+      got = checkpoints.restore(mngr, start, {"params": target.params,
+                                              "opt_state": target.opt_state})
     state = train_step.TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
-                                  got["params"], got["opt_state"])
+                                  **got)
     say(f"resuming {run_dir} from step {start}")
   say(f"model: {param_count(abstract.params):,} parameters, "
       f"{flops_per_token(cfg) / 1e6:.1f} MFLOP/token, compute {cfg.compute_dtype}, "
       f"attention {cfg.attention_impl}; devices: {jax.device_count()} x "
       f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
   return state, tx, state_sh
-
-
-def finetune_state(source: tuple[pathlib.Path, int], tx, abstract, state_sh,
-                   say) -> train_step.TrainState:
-  """Step 0 of a fine-tune: the parameters of checkpoint `source`, restored into this run's
-  shardings, and a fresh optimizer state (its schedule starts over too)."""
-  src_dir, step = source
-  with checkpoints.reader(src_dir) as mngr:
-    params = checkpoints.restore(mngr, step, {
-        "params": sharding.with_shardings(abstract.params, state_sh.params)})["params"]
-  opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
-  say(f"fine-tuning from {src_dir} step {step}: its parameters, a fresh optimizer")
-  return train_step.TrainState(jax.device_put(jnp.zeros((), jnp.int32), state_sh.step),
-                               params, opt_state)
 
 
 def loop(state, step_fn, train_N, start: int, end: int, every, hooks: "Hooks") -> int:

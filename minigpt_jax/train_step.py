@@ -6,7 +6,6 @@
 """
 
 import functools
-from typing import Optional
 
 import flax.struct
 import jax
@@ -63,23 +62,20 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Arra
 
 
 def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding=None,
-               schedule: Optional[optax.Schedule] = None):
-  """One optimizer step on the batch fixed by (seed, step). Returns (state, metrics);
-  with `schedule` (tx's learning rate), metrics include the rate this step used."""
+               tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding,
+               schedule: optax.Schedule):
+  """One optimizer step on the batch fixed by (seed, step), split over the devices as
+  `batch_sharding` says. Returns (state, metrics), with the learning rate (`schedule`, tx's)
+  this step used: computed here, so the host reads it with the other metrics."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
-  inputs_BT, targets_BT = data.get_batch(train_N, key, batch_size, cfg.context_len)
-  if batch_sharding is not None:
-    inputs_BT = jax.lax.with_sharding_constraint(inputs_BT, batch_sharding)
-    targets_BT = jax.lax.with_sharding_constraint(targets_BT, batch_sharding)
+  inputs_BT, targets_BT = jax.lax.with_sharding_constraint(
+      data.get_batch(train_N, key, batch_size, cfg.context_len), batch_sharding)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # The loss is that of the old parameters; the update norm shows whether the new ones are finite.
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "update_norm": optax.tree.norm(updates)}
-  if schedule is not None:  # computed here, so the host reads it with the other metrics
-    metrics["lr"] = schedule(state.step)
+             "update_norm": optax.tree.norm(updates), "lr": schedule(state.step)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 

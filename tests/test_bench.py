@@ -36,11 +36,6 @@ def test_rate_is_count_over_median_seconds():
   assert each == [100.0, 25.0, 50.0]
 
 
-def test_tflops_per_s():
-  assert throughput.tflops_per_s(176.6e6, 1e6) == pytest.approx(176.6)
-  assert throughput.tflops_per_s(1e6, 0.0) == 0.0
-
-
 @pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
                                         ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None),
@@ -64,7 +59,7 @@ def test_peak_memory_bytes_is_none_when_the_backend_reports_nothing():
 
 def test_compiled_memory_reports_buffer_sizes():
   compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8), jnp.float32)).compile()
-  mem = throughput.compiled_memory(compiled)
+  mem = hardware.compiled_memory(compiled)
   assert set(mem) == {"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes"}
   assert mem["argument_bytes"] == 8 * 8 * 4
 

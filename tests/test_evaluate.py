@@ -1,3 +1,4 @@
+import ast
 import json
 import math
 import random
@@ -86,7 +87,7 @@ def _exhaustive_cut(text: str, truncated: bool) -> str:
   cuts += [] if truncated else [len(text)]
   for cut in reversed(cuts):
     if cut and syntax._parses(text[:cut])[0]:
-      return text[:cut] if syntax._has_statement(text[:cut]) else ""
+      return text[:cut] if ast.parse(text[:cut]).body else ""
   return ""
 
 

@@ -199,7 +199,7 @@ def test_sample_interactive_with_piped_prompts(trained_run):
   assert [e for e in errors if e.startswith("error:")] == errors[:1], proc.stderr
   assert "outside the vocabulary" in errors[0]
   run = runs.load_for_inference(str(trained_run))
-  max_new = interactive.default_new_tokens(run.model_cfg.context_len)
+  max_new = max(1, run.model_cfg.context_len // 2)
   texts = [generate.generate_text(run.params, run.model_cfg, run.tokenizer, [p],
                                   max_new_tokens=max_new, sampling=GREEDY)[0] for p in good]
   assert proc.stdout == "".join(p + t + "\n" for p, t in zip(good, texts))

@@ -200,7 +200,7 @@ def test_out_of_memory_when_sampling_names_num_samples(small_run, monkeypatch):
   def huge(*_, **__):
     raise MemoryError()
 
-  monkeypatch.setattr(scoring, "syntax_validity", huge)
+  monkeypatch.setattr(scoring, "sample_validity", huge)
   with pytest.raises(UserError, match=r"out of memory.*--num_samples"):
     scoring.evaluate_checkpoint(str(small_run), num_samples=4, max_new_tokens=4, log=quiet)
   patch = ("import minigpt_jax.generate as g\n"
