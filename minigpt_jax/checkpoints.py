@@ -286,5 +286,7 @@ def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tu
       return None
     step, got = found
   else:
+    if step not in list_steps(run_dir):  # removed by training's retention since it was picked
+      raise _Gone(f"checkpoint step {step} of {run_dir} was removed while it was being read")
     got = _read_whole(run_dir, step, ("meta",))
   return step, got["meta"].get("corpus_sha256", "")

@@ -21,7 +21,8 @@ from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
 
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
 # Decode steps per iteration of the compiled scan loop. XLA:GPU drives a scan from the host,
-# one round trip per iteration (jax-ml/jax#2491), so unrolling may pay there; not on the CPU.
+# one round trip per iteration (jax-ml/jax#2491), so unrolling may pay there; on the CPU,
+# 4 measured within noise of 1 (BENCHMARKS.md). `bench --decode_unroll` measures it.
 DECODE_UNROLL = 1
 
 

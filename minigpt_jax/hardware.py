@@ -1,5 +1,5 @@
 """What this machine can do: the settings "auto" resolves to, how host memory is reused,
-and peak FLOP/s for MFU."""
+XLA's buffer sizes, and peak FLOP/s for MFU."""
 
 import ctypes
 import dataclasses

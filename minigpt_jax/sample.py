@@ -81,7 +81,8 @@ def main(_):
   run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
   max_new, context_len = _MAX_NEW.value, run.model_cfg.context_len
   if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
-    max_new = (max(1, context_len // 2) if _INTERACTIVE.value else  # prompts not known yet
+    # --interactive: half the context, as its prompts are not known yet
+    max_new = (max(1, context_len // 2) if _INTERACTIVE.value else
                prompts_lib.fit_new_tokens(max_new, map(len, prompts), context_len))
   if _INTERACTIVE.value:
     with errors.out_of_memory_names("--max_new_tokens"):
@@ -108,8 +109,11 @@ def main(_):
                       "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                                   for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
-  if not _STREAM.value:  # streamed texts are on the screen already
-    interactive.write_stream(enumerate(texts), rows, _NUM.value)
+  # streamed texts are on the screen already
+  for i, (p, t) in enumerate(zip(rows, [] if _STREAM.value else texts)):
+    if len(rows) > 1:
+      print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
+    sys.stdout.write(p + t + "\n")
   print(f"[step {run.step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
 

@@ -142,10 +142,11 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
                         num_samples: int = 64, max_new_tokens: int = 256,
                         batch_size: int | None = None, seed: int = 0,
                         compute_dtype: str | None = None, log=print) -> dict:
-  """Loads checkpoint `path` (a run directory, or its ckpt/<step>) and measures it: the val
-  split and each of `extra_corpora` (folders of .py files) scored whole, and `num_samples`
-  samples (0: none) checked for syntax. `batch_size` None: the run's train.batch_size.
-  Returns the report `write_report` saves."""
+  """Loads checkpoint `path` (a run directory, or its ckpt/<step>; `step` overrides) and
+  measures it: the val split and each of `extra_corpora` (folders of .py files) scored
+  whole, and `num_samples` samples (0: none) of up to `max_new_tokens` (lowered to fit the
+  context) checked for syntax. `batch_size` None: the run's train.batch_size;
+  `compute_dtype` None: "auto", resolved here. Returns the report `write_report` saves."""
   if num_samples < 0 or max_new_tokens < 1:
     raise UserError("num_samples must be >= 0 and max_new_tokens >= 1")
   for folder in extra_corpora:  # before the slow part
@@ -191,13 +192,13 @@ def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int, se
                     f"the prompts {PROMPTS}")
   if max_new_tokens > fit:
     log(f"max_new_tokens {max_new_tokens} lowered to {fit} to fit the context")
-  sampling = default_sampling()
+  sampling, max_new_tokens = default_sampling(), min(max_new_tokens, fit)
   prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_samples)]
   result = sample_validity(run.params, cfg, run.tokenizer, prompts,
-                           max_new_tokens=min(max_new_tokens, fit), sampling=sampling, seed=seed)
+                           max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
   kept = {p: [s["kept_chars"] for q, s in zip(prompts, result["samples"]) if q == p]
           for p in PROMPTS}
-  return {"prompts": list(PROMPTS), "seed": seed, "max_new_tokens": min(max_new_tokens, fit),
+  return {"prompts": list(PROMPTS), "seed": seed, "max_new_tokens": max_new_tokens,
           "temperature": sampling.temperature, "top_p": sampling.top_p, **result,
           "by_prompt": {p: {"n": len(k), "rate": sum(c > 0 for c in k) / len(k)}
                         for p, k in kept.items() if k}}

@@ -40,7 +40,6 @@ def cut_to_complete(text: str, truncated: bool = False) -> str:
   cuts = [m.start() for m in _STATEMENT_START.finditer(text)]
   if not truncated:
     cuts.append(len(text))
-  lines = text.split("\n")
   limit = len(text)  # no valid prefix extends past this offset
   for cut in reversed(cuts):
     if cut > limit or cut == 0:
@@ -48,9 +47,19 @@ def cut_to_complete(text: str, truncated: bool = False) -> str:
     ok, err_line = _parses(text[:cut])
     if ok:
       return text[:cut] if ast.parse(text[:cut]).body else ""
-    if err_line is not None:  # the offset where line err_line starts
-      limit = min(limit, sum(len(l) + 1 for l in lines[:max(err_line - 1, 0)]))
+    if err_line is not None:
+      limit = min(limit, _line_offset(text, err_line))
   return ""
+
+
+def _line_offset(text: str, line: int) -> int:
+  """Offset of the start of 1-based `line` (len(text) past the last line)."""
+  pos = 0
+  for _ in range(line - 1):
+    pos = text.find("\n", pos) + 1
+    if pos == 0:
+      return len(text)
+  return pos
 
 
 def validity(samples: list[str], truncated: list[bool]) -> dict:

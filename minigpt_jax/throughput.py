@@ -111,7 +111,8 @@ def bench_train_step(step_fn, state, train_N, *, batch_size: int, context_len: i
       "step_s": statistics.median(seconds) / steps,
       "tokens_per_s": tok_s, "tokens_per_s_repeats": tok_s_each,
       "tflops_per_s": fpt * tok_s / 1e12, "mfu": hardware.mfu(fpt, tok_s),
-      "peak_memory_bytes": peak_memory_bytes(), "compiled_memory": hardware.compiled_memory(compiled),
+      "peak_memory_bytes": peak_memory_bytes(),
+      "compiled_memory": hardware.compiled_memory(compiled),
       "final_loss": float(box["metrics"]["loss"]),
   }
   return row, box["state"]

@@ -39,7 +39,7 @@ class CharTokenizer:
     # surrogatepass: undecodable bytes in argv arrive as lone surrogates; they are
     # reported as characters outside the vocabulary like any other.
     codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-    ids = _LUT[np.minimum(codepoints, 255)]  # lut[255] is _MISSING
+    ids = _LUT[np.minimum(codepoints, 255)]  # _LUT[255] is _MISSING
     bad = np.flatnonzero(ids == _MISSING)
     if bad.size == 0:
       return ids

@@ -144,7 +144,7 @@ def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start
     if jax.process_index() == 0:
       runs.write_run_files(run_dir, config, CharTokenizer())
     state = train_step.fresh_state(config, cfg, tx, state_sh)
-    if source is not None:  # AdamW's fresh state is the same whatever the parameters
+    if source is not None:  # make_optimizer's fresh state: zero moments whatever the params
       with checkpoints.reader(source[0]) as mngr:
         params = checkpoints.restore(mngr, source[1], {"params": target.params})["params"]
       state = state.replace(params=params)

@@ -252,6 +252,14 @@ def test_checkpoint_metadata_that_is_not_an_object_is_refused_by_name(run):
     checkpoints.trained_on(run_dir, 20)
 
 
+def test_an_asked_for_step_removed_meanwhile_is_named_removed_not_damaged(run):
+  _, run_dir = run
+  shutil.rmtree(run_dir / "ckpt" / "20")  # as training's retention removes a step
+  with pytest.raises(UserError, match="step 20.*removed") as e:
+    checkpoints.trained_on(run_dir, 20)
+  assert "damaged" not in str(e.value)
+
+
 def test_a_resume_skips_a_checkpoint_whose_metadata_is_not_an_object(run):
   _, run_dir = run
   write_meta(run_dir, 20, ["step", 20])
