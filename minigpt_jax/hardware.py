@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from minigpt_jax.errors import UserError, first_line
-from minigpt_jax.model import ModelConfig
+from minigpt_jax.model import ModelConfig, attend, attention_mask
 
 # device_kind substring -> dense bf16 peak (FLOP/s), from NVIDIA's data sheets; first match
 # wins, so the PCIe H100 (a lower clock) comes before the SXM one.
@@ -28,11 +28,14 @@ _kept = False  # whether keep_freed_host_memory took effect in this process
 def resolve(cfg: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
   """`cfg` with "auto" settings chosen for `platform` (default: JAX's backend): bfloat16
   compute on accelerators, cuDNN flash attention on GPUs where it runs the model's shape.
-  An explicit "cudnn" that cannot run is a UserError."""
+  An explicit compute dtype or "cudnn" that this backend cannot run is a UserError."""
   platform = platform or jax.default_backend()
   dtype = cfg.compute_dtype
   if dtype == "auto":
     dtype = "bfloat16" if platform in ("gpu", "cuda", "rocm", "tpu") else "float32"
+  elif platform == jax.default_backend() and (problem := compute_dtype_problem(dtype)):
+    raise UserError(f"model.compute_dtype={dtype!r} does not run on this machine's {platform} "
+                    f"backend ({problem}); use 'auto' or 'float32'")
   resolved = dataclasses.replace(cfg, compute_dtype=dtype, attention_impl="xla")
   if cfg.attention_impl == "xla":
     return resolved
@@ -43,6 +46,23 @@ def resolve(cfg: ModelConfig, platform: Optional[str] = None) -> ModelConfig:
                     f"attention for this model's shape, and 16-bit compute; here: {platform}, "
                     f"{dtype}. Use 'auto' or 'xla'")
   return dataclasses.replace(resolved, attention_impl="cudnn") if cudnn_ok else resolved
+
+
+@functools.lru_cache(maxsize=None)
+def compute_dtype_problem(dtype: str) -> Optional[str]:
+  """Why the default backend cannot run the model's matmuls in `dtype`, or None if it can:
+  runs a gradient of the model's attention once on a tiny input (XLA:CPU, for one, has no
+  float16 dot with float32 accumulation)."""
+  if dtype == "float32":
+    return None
+  try:
+    q = jnp.zeros((1, 2, 1, 8), dtype)
+    mask = attention_mask(jnp.arange(2), jnp.arange(2))
+    loss = lambda q: attend(q, q, q, mask).astype(jnp.float32).sum()
+    jax.block_until_ready(jax.jit(jax.grad(loss))(q))
+    return None
+  except Exception as e:  # XLA names what it lacks, e.g. a dot precision
+    return first_line(e, 160)
 
 
 @functools.lru_cache(maxsize=None)

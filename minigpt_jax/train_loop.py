@@ -35,11 +35,12 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     jax.config.update("jax_log_compiles", True)
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
+  # Before the corpus is prepared: a setting this machine cannot run is refused at once.
+  cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
   run_dir = pathlib.Path(config.workdir) / config.run_name
   say = log if jax.process_index() == 0 else (lambda *_: None)
   with runs.training_lock(run_dir), preemption.stop_on_sigterm(config.train.log_every) as stop:
     start, source, splits, train_sha256 = prepare_corpus(config, run_dir, say)
-    cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
     mesh = check_fits(config, cfg, splits)
     state, tx, state_sh = init_or_restore(config, cfg, mesh, run_dir, start, say, source)
     end = min(config.train.steps, config.train.stop_at_step or config.train.steps)

@@ -176,6 +176,26 @@ def test_explicit_cudnn_attention_where_it_cannot_run_is_a_clear_error(monkeypat
     hardware.resolve(dataclasses.replace(cudnn, compute_dtype="float32"), platform="gpu")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's missing float16 dot")
+def test_a_compute_dtype_the_cpu_cannot_run_is_refused_in_one_line():
+  """XLA:CPU has no float16 dot with float32 accumulation: refused before any work."""
+  with pytest.raises(UserError, match=r"model.compute_dtype='float16' does not run on this "
+                                      r"machine's cpu backend \(.*F16_F16_F32.*\); use 'auto'"):
+    hardware.resolve(dataclasses.replace(FULL, compute_dtype="float16"))
+  assert hardware.resolve(dataclasses.replace(FULL, compute_dtype="bfloat16")).compute_dtype == \
+      "bfloat16"  # runs on the CPU: not refused
+
+
+def test_a_compute_dtype_is_probed_only_on_the_backend_at_hand(monkeypatch):
+  monkeypatch.setattr(hardware, "compute_dtype_problem", lambda dtype: "no such dot")
+  other = "gpu" if jax.default_backend() == "cpu" else "cpu"
+  assert hardware.resolve(dataclasses.replace(SMALL_MODEL, compute_dtype="float16"),
+                          platform=other).compute_dtype == "float16"
+  with pytest.raises(UserError, match=r"\(no such dot\)"):
+    hardware.resolve(dataclasses.replace(SMALL_MODEL, compute_dtype="float16"))
+  assert hardware.resolve(dataclasses.replace(SMALL_MODEL, compute_dtype="auto"))  # not probed
+
+
 def test_the_cudnn_probe_runs_the_models_own_shape(monkeypatch):
   """A fixed probe shape could pass where the model's head width or length cannot run."""
   seen = []
