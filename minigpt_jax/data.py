@@ -5,6 +5,7 @@ stale or corrupt corpus is refused, not used. The folder itself (its files, writ
 atomically, putting it back after a killed rebuild) is `corpus_folder`'s.
 """
 
+import codecs
 import hashlib
 import json
 import os
@@ -53,14 +54,20 @@ def python_files(root: pathlib.Path, skip=()) -> Iterator[pathlib.Path]:
         yield here / name
 
 
-def read_regular(path: pathlib.Path) -> bytes | None:
-  """The bytes of `path` (after symlinks) if it is a regular file, else None: a FIFO, socket
-  or device is never read (opening a FIFO waits for a writer, forever)."""
+READ_CHUNK = 1 << 20  # bytes read at a time: a file over the cap is never read whole
+
+
+def open_regular(path: pathlib.Path):
+  """`path` (after symlinks) opened for reading in binary if it is a regular file, else None:
+  a FIFO, socket or device is never read (opening a FIFO waits for a writer, forever)."""
   if not stat.S_ISREG(os.stat(path).st_mode):
     return None
   # Non-blocking, and checked again once open, in case a FIFO took the file's place.
-  with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-    return f.read() if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+  f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+  if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    return f
+  f.close()
+  return None
 
 
 def first_sighting(path: pathlib.Path, seen: set) -> bool:
@@ -77,22 +84,46 @@ def encode_file(path: pathlib.Path, tok: CharTokenizer, max_file_chars: int):
   """One source file as the corpus takes it, newlines normalised to \\n (tabs kept): (ids,
   non-ASCII characters dropped, other out-of-vocabulary characters dropped, skip), where
   `skip` says why the file is left out ("unreadable", "not_regular", "too_large", "empty")
-  or is None. `max_file_chars` 0 means no limit."""
+  or is None. `max_file_chars` 0 means no limit.
+
+  Read READ_CHUNK bytes at a time, stopping as soon as the ids pass `max_file_chars`: a
+  huge file costs a chunk's memory and time, not its size; what is counted is the same as
+  for the whole file at once."""
   try:
-    raw = read_regular(path)
+    f = open_regular(path)
+    if f is None:
+      return None, 0, 0, "not_regular"
+    with f:
+      ids, n_non_ascii, n_control = _encode_chunks(f, tok, max_file_chars)
   except OSError:
     return None, 0, 0, "unreadable"
-  if raw is None:
-    return None, 0, 0, "not_regular"
-  text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-  ascii_bytes = text.encode("ascii", errors="ignore")
-  ids, n_control = tok.encode_bytes(ascii_bytes)
-  n_non_ascii = len(text) - len(ascii_bytes)
-  if max_file_chars and ids.size > max_file_chars:
+  if ids is None:
     return None, 0, 0, "too_large"
   if ids.size == 0:
     return None, 0, 0, "empty"
   return ids, n_non_ascii, n_control, None
+
+
+def _encode_chunks(f, tok: CharTokenizer, max_file_chars: int):
+  """(ids, non-ASCII dropped, control dropped) of the open file `f`, or (None, 0, 0) once
+  the ids pass `max_file_chars` (0: no limit)."""
+  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a split character waits
+  parts, n_ids, n_non_ascii, n_control, held = [], 0, 0, 0, ""
+  while True:
+    raw = f.read(READ_CHUNK)
+    text = held + decoder.decode(raw, final=not raw)
+    held = "\r" if raw and text.endswith("\r") else ""  # may be the first half of "\r\n"
+    text = text[:len(text) - len(held)].replace("\r\n", "\n").replace("\r", "\n")
+    ascii_bytes = text.encode("ascii", errors="ignore")
+    ids, control = tok.encode_bytes(ascii_bytes)
+    n_ids += ids.size
+    n_non_ascii += len(text) - len(ascii_bytes)
+    n_control += control
+    if max_file_chars and n_ids > max_file_chars:
+      return None, 0, 0
+    parts.append(ids)
+    if not raw:
+      return np.concatenate(parts), n_non_ascii, n_control
 
 
 def skipped_summary(skipped: dict, max_file_chars: int = 0, max_chars: int = 0) -> str:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -260,6 +261,41 @@ def test_fifos_in_an_extra_corpus_are_skipped_not_read(tmp_path):
   with _deadline(30):
     ids, n_files = scoring.encode_folder(str(root), tok)
   assert n_files == 3 and tok.decode(ids).count("<eos>") == 3
+
+
+# --- a huge file ------------------------------------------------------------------------------
+
+def test_a_file_over_max_file_chars_is_skipped_without_reading_it_whole(tmp_path):
+  """A 1 GB .py file cost 5.5 GB and 21 s when it was read whole before its size was
+  checked; now it costs one chunk. Here: 64 MB against a cap of 1000 characters."""
+  huge = tmp_path / "table.py"
+  with open(huge, "wb") as f:
+    for _ in range(64):
+      f.write(b"x = 1\n" * ((1 << 20) // 6))
+  size = huge.stat().st_size
+  tracemalloc.start()
+  try:
+    ids, _, _, skip = data.encode_file(huge, tok, 1000)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert (ids, skip) == (None, "too_large")
+  assert peak < size / 8, f"peak {peak:,} bytes for a file of {size:,}"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 20])
+def test_a_file_read_in_chunks_encodes_as_read_whole(tmp_path, monkeypatch, chunk):
+  """Characters split between chunks: a UTF-8 sequence, a "\\r\\n", a bad byte."""
+  raw = b"a\r\nb\r\rc\xc3\xa9d\xe2\x82\xac\te\xff\x00f\r\n\r" * 3 + b"\xf0\x9f\x98\x80\r"
+  path = tmp_path / "mixed.py"
+  path.write_bytes(raw)
+  monkeypatch.setattr(data, "READ_CHUNK", chunk)
+  ids, n_non_ascii, n_control, skip = data.encode_file(path, tok, 0)
+  text = raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+  assert tok.decode(ids) == "".join(c for c in text if c in "\t\n" or " " <= c <= "~")
+  assert (n_non_ascii, n_control, skip) == (sum(c > "~" for c in text), 3, None)
+  assert data.encode_file(path, tok, ids.size)[3] is None
+  assert data.encode_file(path, tok, ids.size - 1)[3] == "too_large"
 
 
 # --- what an unusable extra corpus holds, and folder modes ----------------------------------
