@@ -95,6 +95,22 @@ def mesh_section() -> ConfigDict:
   return m
 
 
+# The largest model size JAX indexes (int32: positions, cache slots); past it, a jitted call
+# overflows on the value itself.
+MAX_MODEL_SIZE = 2**31 - 1
+
+
+def model_size_problem(model) -> str | None:
+  """What is wrong with an integer size in the `model` section (a ConfigDict or a dict) too
+  large to run, e.g. a context_len of 10**12; None if nothing is. Other mistakes are
+  `ModelConfig`'s to name."""
+  for name in ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple"):
+    value = model.get(name)
+    if isinstance(value, int) and value > MAX_MODEL_SIZE:
+      return f"model.{name} must be at most {MAX_MODEL_SIZE} (2**31 - 1), got {value}"
+  return None
+
+
 def validate(c: ConfigDict) -> None:
   """Catches values of the right type but the wrong kind, before any work starts."""
   roots = c.data.roots
@@ -102,6 +118,8 @@ def validate(c: ConfigDict) -> None:
     raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")
   from minigpt_jax.model import ModelConfig  # here: config files load without JAX
   ModelConfig.from_section(c.model, CharTokenizer().vocab_size)  # checks the model section
+  if problem := model_size_problem(c.model):
+    raise UserError(problem)
   for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep",
                "eval_batches"):
     if not isinstance(c.train[name], int) or c.train[name] < 1:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from minigpt_jax.errors import UserError
+from minigpt_jax.errors import UserError, parse_json
 
 SPLITS = ("train", "val")
 CORPUS_FILES = ("train.bin", "val.bin", "manifest.json")  # all a prepared corpus folder holds
@@ -131,7 +131,7 @@ def _replace_problem(out_dir: pathlib.Path) -> str | None:
 
 def _written_here(manifest_path: pathlib.Path) -> bool:
   try:
-    manifest = json.loads(manifest_path.read_text())
+    manifest = parse_json(manifest_path.read_text())
   except (OSError, ValueError):
     return False
   return isinstance(manifest, dict) and isinstance(manifest.get("spec"), dict) and \
@@ -180,7 +180,7 @@ def read_manifest(folder: pathlib.Path) -> dict:
   """`folder`'s manifest.json, with the parts loading relies on checked."""
   path = folder / "manifest.json"
   try:
-    manifest = json.loads(path.read_text())
+    manifest = parse_json(path.read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is unreadable ({e}); rebuild with --config.data.rebuild=True")
   if problem := _manifest_problem(manifest):

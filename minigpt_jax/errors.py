@@ -1,6 +1,7 @@
 """User-facing errors: printed as one line by the CLIs (`cli.run`), never as a traceback."""
 
 import contextlib
+import json
 
 
 class UserError(Exception):
@@ -37,3 +38,22 @@ def out_of_memory_names(setting: str):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise UserError(f"out of memory ({first_line(e, 120)}); lower {setting}") from None
+
+
+MAX_JSON_DEPTH = 32  # far past any file of the project's own (a config nests 3 deep)
+
+
+def parse_json(text: str):
+  """`json.loads`, where nesting deeper than MAX_JSON_DEPTH (which overflows Python's stack
+  in the parser, or in code that walks the result) is a ValueError like any other bad JSON."""
+  try:
+    value = json.loads(text)
+  except RecursionError:
+    raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} deep") from None
+  level = [value]  # the containers at one depth, walked without recursion
+  for _ in range(MAX_JSON_DEPTH):
+    level = [v for c in level if isinstance(c, (dict, list))
+             for v in (c.values() if isinstance(c, dict) else c)]
+    if not any(isinstance(v, (dict, list)) for v in level):
+      return value
+  raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} deep")

@@ -24,8 +24,8 @@ import ml_collections
 from flax import traverse_util
 
 from minigpt_jax import checkpoints, hardware, sharding
-from minigpt_jax.config import base_config
-from minigpt_jax.errors import UserError
+from minigpt_jax.config import base_config, model_size_problem
+from minigpt_jax.errors import UserError, parse_json
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -90,10 +90,12 @@ def write_run_files(run_dir: pathlib.Path, config, tok: CharTokenizer) -> None:
 def read_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   path = pathlib.Path(run_dir) / "config.json"
   try:
-    d = json.loads(path.read_text())
+    d = parse_json(path.read_text())
   except FileNotFoundError:
     raise UserError(f"{run_dir} is not a run directory (no config.json)")
-  except ValueError as e:
+  except OSError as e:  # a folder, no permission
+    raise UserError(f"{path} is unreadable: {e.strerror or e}")
+  except ValueError as e:  # not JSON, nested too deep, not UTF-8
     raise UserError(f"{path} is unreadable: {e}")
   if not isinstance(d, dict):
     raise UserError(f"{path} is unreadable: not a JSON object")
@@ -120,7 +122,8 @@ def _is_int(v) -> bool:
 
 
 def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
-  """Refuses a config.json (at `path`) whose fields that readers use are missing or wrong."""
+  """Refuses a config.json (at `path`) whose fields that readers use are missing or wrong,
+  or whose model is too large to run at all (a context_len of 10**12)."""
   for name, (valid, what) in _READ_FIELDS.items():
     section, field = name.split(".")
     if field not in config[section]:
@@ -128,17 +131,22 @@ def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> Non
     if not valid(config[section][field]):
       raise UserError(f"{path} is damaged: {name} must be {what}, got "
                       f"{config[section][field]!r}")
+  if problem := model_size_problem(config.model):
+    raise UserError(f"{path} is damaged: {problem}")
 
 
 def read_tokenizer(run_dir: pathlib.Path) -> CharTokenizer:
   path = pathlib.Path(run_dir) / "tokenizer.json"
   try:
-    d = json.loads(path.read_text())
+    d = parse_json(path.read_text())
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read the tokenizer of {run_dir}: {e}")
   if not isinstance(d, dict):
     raise UserError(f"{path} is damaged: not a tokenizer description")
-  return CharTokenizer.from_dict(d)
+  try:
+    return CharTokenizer.from_dict(d)
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
 
 
 # --- one training at a time -----------------------------------------------------------------

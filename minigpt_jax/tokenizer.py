@@ -85,12 +85,25 @@ class CharTokenizer:
     """The tokenizer `d` (a run's tokenizer.json) describes: it must be this code's, id for
     id, since the checkpoint's embeddings are indexed by those ids."""
     chars = d.get("chars")
-    if d.get("kind") != "char" or d.get("specials") != [PAD, EOS] or not isinstance(chars, str):
-      raise UserError(f"unsupported tokenizer description: {d!r:.80}")
+    for field, want in (("kind", "char"), ("specials", [PAD, EOS])):
+      if d.get(field) != want:
+        raise UserError(f"unsupported tokenizer description: field {field!r} is "
+                        f"{_shown(d, field)}, not {want!r}")
+    if not isinstance(chars, str):
+      raise UserError(f"unsupported tokenizer description: field 'chars' must be a string, "
+                      f"got {_shown(d, 'chars')}")
     if chars != CHARS:
       raise UserError(f"unsupported tokenizer description: its vocabulary is not this code's "
                       f"({_difference(chars)}); ids would decode to the wrong characters")
     return cls()
+
+
+def _shown(d: dict, field: str) -> str:
+  """`d[field]` for a one-line error: its repr, cut short, or "missing"."""
+  if field not in d:
+    return "missing"
+  text = repr(d[field])
+  return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _difference(chars: str) -> str:

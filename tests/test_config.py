@@ -13,6 +13,7 @@ from minigpt_jax.errors import UserError
     ("data.max_file_chars", -5, "data.max_file_chars must be an integer >= 0"),
     ("model.vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a positive integer"),
     ("model.d_ff", 0, "model.d_ff must be a positive integer"),
+    ("model.context_len", 10**12, r"model.context_len must be at most 2147483647 \(2\*\*31 - 1\)"),
     ("data.name", "../elsewhere", "data.name must be a plain folder name"),
     ("run_name", ".hidden", "run_name must be a plain folder name"),
 ])

@@ -218,7 +218,17 @@ DAMAGE = {
     "split_without_sha256": _drop_sha256,
     "spec_not_an_object": lambda m: {**m, "spec": "stdlib"},
     "splits_not_an_object": lambda m: {**m, "splits": ["train", "val"]},
+    # Written as text (json.dumps cannot nest this deep): the parser's RecursionError.
+    "nested_past_the_stack": lambda m: '{"spec": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "nested_below_the_stack": lambda m: {**m, "tokenizer": _nested(900)},
 }
+
+
+def _nested(depth: int) -> list:
+  value = []
+  for _ in range(depth - 1):
+    value = [value]
+  return value
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -226,7 +236,8 @@ DAMAGE = {
 def test_a_damaged_manifest_is_a_one_line_error_then_rebuilds(damage, build, tiny_config):
   _prepare(tiny_config)
   path = _out_dir(tiny_config) / "manifest.json"
-  path.write_text(json.dumps(DAMAGE[damage](json.loads(path.read_text()))))
+  damaged = DAMAGE[damage](json.loads(path.read_text()))
+  path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
   with pytest.raises(UserError, match=r"--config\.data\.rebuild=True") as e:
     _prepare(tiny_config, build=build)
   assert "\n" not in str(e.value) and "manifest.json" in str(e.value)

@@ -241,6 +241,61 @@ def test_evaluate_cli_names_a_null_batch_size_in_one_line(run):
   one_line_error(proc, "train.batch_size")
 
 
+def _config_json_a_folder(path: pathlib.Path, monkeypatch) -> str:
+  path.mkdir()
+  return "Is a directory"
+
+
+def _config_json_unreadable(path: pathlib.Path, monkeypatch) -> str:
+  path.write_text("{}")  # a chmod does not stop root, who runs the tests here: as it would fail
+  read_text = pathlib.Path.read_text
+  def denied(self, *args, **kwargs):
+    if self == path:
+      raise PermissionError(13, "Permission denied", str(path))
+    return read_text(self, *args, **kwargs)
+  monkeypatch.setattr(pathlib.Path, "read_text", denied)
+  return "Permission denied"
+
+
+def _config_json_nested_deep(path: pathlib.Path, monkeypatch) -> str:
+  path.write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+  return "nested more than 32 deep"
+
+
+def _config_json_nested_below_the_stack_limit(path: pathlib.Path, monkeypatch) -> str:
+  path.write_text('{"model": {}, "data": {}, "train": {"x": ' + "[" * 900 + "]" * 900 + "}}")
+  return "nested more than 32 deep"
+
+
+@pytest.mark.parametrize("make", [_config_json_a_folder, _config_json_unreadable,
+                                  _config_json_nested_deep,
+                                  _config_json_nested_below_the_stack_limit])
+def test_a_config_json_that_cannot_be_read_is_one_error_line(tmp_path, monkeypatch, make):
+  fragment = make(tmp_path / "config.json", monkeypatch)
+  with pytest.raises(UserError, match="config.json is unreadable") as e:
+    runs.read_config(tmp_path)
+  assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_absurd_context_in_a_runs_config_is_refused_before_any_jitted_call(run):
+  """A context_len of 10**12 overflowed int32 inside a jitted call (OverflowError)."""
+  _, run_dir = run
+  edit_config(run_dir, "model", "context_len", 10**12)
+  with pytest.raises(UserError, match=r"config.json is damaged: model.context_len must be at "
+                                      r"most 2147483647 \(2\*\*31 - 1\), got 1000000000000"):
+    runs.load_for_inference(str(run_dir))
+
+
+def test_a_tokenizer_json_of_another_kind_names_its_file_and_field(run):
+  _, run_dir = run
+  d = json.loads((run_dir / "tokenizer.json").read_text())
+  (run_dir / "tokenizer.json").write_text(json.dumps({**d, "kind": "bpe"}))
+  with pytest.raises(UserError) as e:
+    runs.read_tokenizer(run_dir)
+  assert str(e.value) == (f"{run_dir / 'tokenizer.json'}: unsupported tokenizer description: "
+                          "field 'kind' is 'bpe', not 'char'")
+
+
 def write_meta(run_dir: pathlib.Path, step: int, meta) -> None:
   (run_dir / "ckpt" / str(step) / "meta" / "metadata").write_text(json.dumps(meta))
 

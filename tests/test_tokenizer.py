@@ -58,6 +58,26 @@ def test_a_damaged_description_is_refused(damage):
     CharTokenizer.from_dict({**tok.to_dict(), **damage})
 
 
+@pytest.mark.parametrize("damage,message", [
+    ({"kind": "bpe"}, "field 'kind' is 'bpe', not 'char'"),
+    ({"kind": None}, "field 'kind' is None, not 'char'"),
+    ({"chars": 7}, "field 'chars' must be a string, got 7"),
+    ({"chars": list("ab")}, "field 'chars' must be a string, got ['a', 'b']"),
+    ({"specials": ["<eos>", "<pad>"]}, "field 'specials' is ['<eos>', '<pad>'], not ['<pad>', '<eos>']"),
+])
+def test_a_damaged_description_names_the_field_not_the_whole_dict(damage, message):
+  with pytest.raises(UserError) as e:
+    CharTokenizer.from_dict({**tok.to_dict(), **damage})
+  assert str(e.value) == f"unsupported tokenizer description: {message}"
+
+
+def test_a_missing_field_is_named_missing():
+  d = tok.to_dict()
+  del d["chars"]
+  with pytest.raises(UserError, match="field 'chars' must be a string, got missing"):
+    CharTokenizer.from_dict(d)
+
+
 def test_room_after_prompt_counts_the_start_marker():
   from minigpt_jax.prompts import room_after_prompt
   assert room_after_prompt(0, 512) == 511  # an empty prompt is the marker alone
