@@ -5,13 +5,12 @@ rate where eval records carry "syntax_rate") and any <run>/eval_step<N>.json
 written by `minigpt_jax.evaluate`, drawn as separate full-split points.
 """
 
-import json
 import logging
 import math
 import pathlib
 
 from minigpt_jax import report
-from minigpt_jax.errors import UserError
+from minigpt_jax.errors import UserError, first_line, parse_json
 
 TRAIN, VAL, FULL = "tab:blue", "tab:orange", "tab:red"
 
@@ -31,14 +30,16 @@ def _full_evals(run_dir: pathlib.Path) -> list[dict]:
   out = []
   for path in run_dir.glob("eval_step*.json"):
     try:
-      r = json.loads(path.read_text())
-      row = {"step": int(r["step"]), "val_loss": float(r["val"]["nats_per_char"])}
+      r = parse_json(path.read_text())
+      row = {"kind": "evaluate", "step": r["step"], "val_loss": r["val"]["nats_per_char"]}
+      if "syntax" in r:
+        row["syntax_rate"] = r["syntax"]["rate"]
+      problem = report.record_problem(row)  # numbers the plot can draw
     except (OSError, ValueError, KeyError, TypeError) as e:  # the curves do not depend on it
-      logging.warning("skipping %s: not a readable evaluate report (%s: %s)", path,
-                      type(e).__name__, e)
+      problem = f"{type(e).__name__}: {first_line(e, 80)}"
+    if problem:
+      logging.warning("skipping %s: not a readable evaluate report (%s)", path, problem)
       continue
-    if "syntax" in r:
-      row["syntax_rate"] = r["syntax"]["rate"]
     out.append(row)
   return sorted(out, key=lambda r: r["step"])
 

@@ -7,6 +7,8 @@ import pathlib
 import sys
 import time
 
+from minigpt_jax.errors import first_line, parse_json
+
 
 class TensorBoardLog:
   """The records of metrics.jsonl as TensorBoard event files in `folder`, when tensorboardX
@@ -43,25 +45,49 @@ class TensorBoardLog:
       self.writer.close()
 
 
+# The numbers a record's readers compute with (the plot: its axes, bits/char, percentages);
+# each must be a real number, or the line is skipped.
+NUMBERS = ("step", "tokens", "loss", "val_loss", "syntax_rate")
+MAX_NUMBER = 1e100  # past any real metric; near the float range the plot's scaling overflows
+
+
 def read_metrics(path: pathlib.Path) -> list[dict]:
   """Reads a metrics JSONL; for repeated (kind, step) pairs, e.g. after a resume, the last wins.
 
-  A line that is not a record (one cut short by a killed process or a full disk) is skipped
-  with a warning: the rest of the log stays usable.
+  A line that is not a record (one cut short by a killed process or a full disk, or one
+  edited by hand) is skipped with a warning: the rest of the log stays usable.
   """
   rows = {}
   for i, line in enumerate(pathlib.Path(path).read_text(errors="replace").splitlines(), 1):
     if not line.strip():
       continue
     try:
-      r = json.loads(line)
-    except ValueError:
-      r = None
-    if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-      logging.warning("%s line %d is not a metrics record; skipped", path, i)
+      r = parse_json(line)
+      problem = record_problem(r)
+    except ValueError as e:  # cut short, or nested too deep
+      problem = first_line(e, 80)
+    if problem:
+      logging.warning("%s line %d is not a metrics record (%s); skipped", path, i, problem)
       continue
-    rows[(r.get("kind"), r.get("step"))] = r
-  return sorted(rows.values(), key=lambda r: (r.get("step", 0), r.get("kind", "")))
+    rows[(r["kind"], r["step"])] = r
+  return sorted(rows.values(), key=lambda r: (r["step"], r["kind"]))
+
+
+def record_problem(r) -> str | None:
+  """Why `r` (a parsed line) is not a metrics record; None if it is one."""
+  if not isinstance(r, dict):
+    return "not a JSON object"
+  if not isinstance(r.get("kind"), str):
+    return f"its kind is {r.get('kind')!r:.40}"
+  if isinstance(r.get("step"), bool) or not isinstance(r.get("step"), int):
+    return f"its step is {r.get('step')!r:.40}, not an integer"
+  for name in NUMBERS:
+    value = r.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return f"its {name} is {value!r:.40}, not a number"
+    if abs(value) > MAX_NUMBER and not (isinstance(value, float) and math.isinf(value)):
+      return f"its {name} is past {MAX_NUMBER:g}"  # inf and nan stay: a diverged run's
+  return None
 
 
 def _duration(seconds: float) -> str:

@@ -70,3 +70,54 @@ def test_missing_matplotlib_gives_the_install_hint(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=r"pip install -e \.\[plot\]"):
     curves.plot_run(run_dir)
   assert not (run_dir / "curves.png").exists()
+
+
+@pytest.mark.parametrize("bad,problem", [
+    ({"kind": "eval", "step": 60, "val_loss": 3.0, "syntax_rate": {}}, "its syntax_rate is {}, not a number"),
+    ({"kind": "train", "step": 60, "loss": 1e308}, "its loss is past 1e+100"),
+    ({"kind": "train", "step": 60, "tokens": 10**400, "loss": 1.0}, "its tokens is past 1e+100"),
+    ({"kind": "train", "step": 60, "loss": "low"}, "its loss is 'low', not a number"),
+    ({"kind": ["train"], "step": 60, "loss": 1.0}, "its kind is ['train']"),
+    ({"kind": "train", "step": True, "loss": 1.0}, "its step is True, not an integer"),
+])
+def test_a_metrics_line_with_a_value_the_plot_cannot_draw_is_skipped(tmp_path, caplog, bad, problem):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=True)
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    f.write(json.dumps(bad) + "\n")
+  with caplog.at_level(logging.WARNING):
+    out = curves.plot_run(run_dir)
+  assert out.read_bytes().startswith(PNG_MAGIC)
+  assert f"line 13 is not a metrics record ({problem}); skipped" in caplog.text
+
+
+def test_a_metrics_line_nested_too_deep_is_skipped(tmp_path, caplog):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=False)
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    f.write('{"kind": "train", "step": 60, "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+  with caplog.at_level(logging.WARNING):
+    assert curves.plot_run(run_dir).read_bytes().startswith(PNG_MAGIC)
+  assert "line 13 is not a metrics record (JSON nested more than 32 deep)" in caplog.text
+
+
+def test_a_diverged_runs_infinite_or_nan_loss_is_still_drawn(tmp_path, caplog):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=False)
+  with open(run_dir / "metrics.jsonl", "a") as f:
+    f.write('{"kind": "train", "step": 110, "loss": Infinity}\n'
+            '{"kind": "train", "step": 120, "loss": NaN}\n')
+  with caplog.at_level(logging.WARNING):
+    assert curves.plot_run(run_dir).read_bytes().startswith(PNG_MAGIC)
+  assert "skipped" not in caplog.text
+
+
+@pytest.mark.parametrize("report", [
+    {"step": 100, "val": {"nats_per_char": 2.2}, "syntax": {"rate": {}}},
+    {"step": 100, "val": {"nats_per_char": 1e308}},
+    {"step": 100, "val": {"nats_per_char": 2.2}, "syntax": []},
+    {"step": "100", "val": {"nats_per_char": 2.2}},
+])
+def test_an_evaluate_report_with_a_value_the_plot_cannot_draw_is_skipped(tmp_path, caplog, report):
+  run_dir = _write_run(tmp_path / "run", syntax_rate=True)
+  (run_dir / "eval_step100.json").write_text(json.dumps(report))
+  with caplog.at_level(logging.WARNING):
+    assert curves.plot_run(run_dir).read_bytes().startswith(PNG_MAGIC)
+  assert "skipping" in caplog.text and "eval_step100.json" in caplog.text
