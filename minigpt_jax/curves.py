@@ -31,10 +31,10 @@ def _full_evals(run_dir: pathlib.Path) -> list[dict]:
   for path in run_dir.glob("eval_step*.json"):
     try:
       r = parse_json(path.read_text())
-      row = {"kind": "evaluate", "step": r["step"], "val_loss": r["val"]["nats_per_char"]}
+      row = {"step": r["step"], "val_loss": r["val"]["nats_per_char"]}
       if "syntax" in r:
         row["syntax_rate"] = r["syntax"]["rate"]
-      problem = report.record_problem(row)  # numbers the plot can draw
+      problem = report.record_problem({**row, "kind": "evaluate"})  # numbers the plot can draw
     except (OSError, ValueError, KeyError, TypeError) as e:  # the curves do not depend on it
       problem = f"{type(e).__name__}: {first_line(e, 80)}"
     if problem:
