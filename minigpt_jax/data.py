@@ -130,7 +130,7 @@ def skipped_summary(skipped: dict, max_file_chars: int = 0, max_chars: int = 0) 
   """The files left out, by why: "3 over data.max_file_chars 1000, 1 empty"."""
   why = {"too_large": f"over data.max_file_chars {max_file_chars}", "empty": "empty",
          "unreadable": "unreadable", "not_regular": "not regular files (FIFOs, devices)",
-         "duplicate": "listed twice (overlapping roots or symlinks)",
+         "duplicate": "duplicates (reached twice, or the text of a file already taken)",
          "over_cap": f"past data.max_chars {max_chars}"}
   return ", ".join(f"{n} {why.get(k, k)}" for k, n in skipped.items() if n) or "none left out"
 
@@ -191,7 +191,9 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
 
 
 def _encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict, dict]:
-  """Each distinct .py file below the roots, once, in the split its name picks.
+  """Each distinct .py file below the roots, once, in the split its name picks. A file is
+  taken once by its resolved path, and once by its text (as encoded): a hard link or a copy
+  of a file already taken is a duplicate, so one text never lands in both splits.
 
   Returns (per split: arrays to concatenate, [name, chars] of each file), dropped character
   counts, and skipped file counts by why.
@@ -202,7 +204,7 @@ def _encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict
   dropped = {"non_ascii": 0, "control": 0}
   skipped = {"too_large": 0, "over_cap": 0, "unreadable": 0, "empty": 0, "not_regular": 0,
              "duplicate": 0}
-  seen, total, t0 = set(), 0, time.time()
+  seen, texts, total, t0 = set(), set(), 0, time.time()
   for i, root in enumerate(roots):
     nested = [r for r in roots if r != root and root in r.parents]  # walked as their own root
     for path in python_files(root, nested):
@@ -214,9 +216,14 @@ def _encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict
       if skip:
         skipped[skip] += 1
         continue
+      text = hashlib.sha256(ids.tobytes()).digest()
+      if text in texts:  # kept where first reached, like a file listed twice
+        skipped["duplicate"] += 1
+        continue
       if spec["max_chars"] and total + ids.size + 1 > spec["max_chars"]:
         skipped["over_cap"] += 1
         continue
+      texts.add(text)
       dropped["non_ascii"] += n_non_ascii
       dropped["control"] += n_control
       split = "val" if is_val_file(rel, spec["val_fraction"]) else "train"
@@ -247,7 +254,8 @@ def load_corpus(data_cfg, tok: CharTokenizer, log=print, build: bool = True,
     manifest = build_corpus(data_cfg, out_dir, tok, log, keep_train_sha256)
     log(f"corpus: {manifest['splits']['train']['chars']:,} train / "
         f"{manifest['splits']['val']['chars']:,} val chars from "
-        f"{manifest['splits']['train']['files'] + manifest['splits']['val']['files']} files")
+        f"{manifest['splits']['train']['files'] + manifest['splits']['val']['files']} files "
+        f"({manifest['skipped_files']['duplicate']} duplicates left out)")
   manifest = corpus_folder.read_manifest(out_dir)
   recorded = manifest["spec"]
   # A reader (build=False) takes the corpus as recorded; a builder checks it is current.

@@ -121,6 +121,42 @@ def test_no_file_is_in_both_splits_whatever_the_roots(layout, tiny_config, corpu
         f: s[0] for f, s in _real_split_of(alone).items()}
 
 
+def _linked_and_copied(src: pathlib.Path, other: pathlib.Path) -> int:
+  """`other` holds a hard link to each of half of `src`'s files and a copy of the rest, under
+  other names (so in other splits, by the hash of the name); returns how many."""
+  files = sorted(src.rglob("*.py"))
+  for n, f in enumerate(files):
+    (other / f"sub{n % 3}").mkdir(parents=True, exist_ok=True)
+    twin = other / f"sub{n % 3}" / f"twin_{n}.py"
+    if n % 2:
+      os.link(f, twin)
+    else:
+      shutil.copyfile(f, twin)
+  return len(files)
+
+
+def test_hard_links_and_copies_of_a_file_are_taken_once(tiny_config, corpus_dir, tmp_path):
+  """One inode, or one text, reached under two names landed in both splits."""
+  src, other = tmp_path / "src", tmp_path / "other"
+  shutil.copytree(corpus_dir, src)
+  twins = _linked_and_copied(src, other)
+  tiny_config.data.roots = (str(src), str(other))
+  tiny_config.data.val_fraction = 0.3
+  said = []
+  splits, manifest = data.load_corpus(tiny_config.data, tok, log=said.append)
+  split_of_text = {}
+  for s in data.SPLITS:
+    for rel, _ in manifest["files"][s]:
+      i, below = rel.split(":", 1)
+      text = (pathlib.Path(manifest["spec"]["roots"][int(i)]) / below).read_bytes()
+      split_of_text.setdefault(text, []).append(s)
+  assert all(len(s) == 1 for s in split_of_text.values())  # each text once, in one split
+  assert len(split_of_text) == twins  # every text of src is there
+  assert manifest["skipped_files"]["duplicate"] == twins
+  assert all(rel.startswith("0:") for s in data.SPLITS for rel, _ in manifest["files"][s])
+  assert f"({twins} duplicates left out)" in said[-1], said
+
+
 # --- a rebuild replaces only a prepared corpus ---------------------------------------------
 
 def _user_folder_with_web_manifest(folder: pathlib.Path):
