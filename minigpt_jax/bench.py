@@ -58,13 +58,15 @@ def main(_):
         command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))
   print(throughput.format_table(result), file=sys.stderr, flush=True)
   text = json.dumps(result, indent=1)
-  print(text, flush=True)
-  if json_out:
-    try:
-      json_out.parent.mkdir(parents=True, exist_ok=True)
-      json_out.write_text(text + "\n")
-    except OSError as e:  # e.g. a full disk: the JSON is on stdout above
-      raise UserError(f"cannot write --json_out {json_out}: {e.strerror or e}")
+  try:
+    print(text, flush=True)
+  finally:  # also when stdout is closed (`| head`): the file keeps the benchmark
+    if json_out:
+      try:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+      except OSError as e:  # e.g. a full disk: the JSON is on stdout above
+        raise UserError(f"cannot write --json_out {json_out}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,20 @@ process with one `error:` line and exit status 2 instead of a traceback."""
 
 import os
 import pathlib
+import select
+import signal
 import sys
 from typing import Callable
 
 from absl import app, flags, logging
 
 from minigpt_jax import hardware
+from minigpt_jax.config import SEED_RANGE, check_seed  # noqa: F401 (the commands' --seed)
 from minigpt_jax.errors import Stopped, UserError, first_line
+
+# What a command whose reader went away (`... | head`) exits with: the status of a process
+# that SIGPIPE ended, without the signal, which would cut off a checkpoint being written.
+CLOSED_PIPE_STATUS = 128 + signal.SIGPIPE
 
 
 def fail(message: str) -> None:
@@ -35,15 +42,6 @@ def check_output_path(path, flag: str) -> pathlib.Path:
   if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
     raise refuse(f"{folder} is not writable (read-only, or no permission)")
   return p
-
-
-SEED_RANGE = range(2**32)  # JAX takes a seed modulo 2**32: others would repeat these
-
-
-def check_seed(seed: int, flag: str = "--seed") -> int:
-  if seed not in SEED_RANGE:
-    raise UserError(f"{flag} must be in [0, {SEED_RANGE.stop - 1}], got {seed}")
-  return seed
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -75,10 +73,46 @@ def load_config(holder):
   return config
 
 
+def _silence_closed_outputs() -> bool:
+  """Points stdout and stderr, where their reader has gone (a closed pipe or socket), at
+  /dev/null, so that the interpreter's last flush does not fail again (as the Python docs
+  advise, "Note on SIGPIPE"). Returns whether either had."""
+  closed = False
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      fd = stream.fileno()
+      poll = select.poll()
+      poll.register(fd, select.POLLOUT)
+      gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (replaced), no poll
+      continue
+    if gone:
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, fd)
+      os.close(devnull)
+      closed = True
+  return closed
+
+
+def _end_quietly_on_closed_output(status) -> None:
+  """Flushes stdout, whose reader may have gone meanwhile, then exits with `status`, or
+  CLOSED_PIPE_STATUS for a command that had succeeded but could not print all it had."""
+  try:
+    sys.stdout.flush()
+  except BrokenPipeError:
+    if not _silence_closed_outputs():
+      raise
+    if not status:
+      status = CLOSED_PIPE_STATUS
+  sys.exit(status)
+
+
 def run(main: Callable[[list[str]], None], positional: str = "") -> None:
   """Runs a command's `main(args)`, where `args` are the words left after the flags (as
   many as `positional` names); `UserError`s, Ctrl-C and expected stops (`errors.Stopped`,
-  e.g. preemption) end it with one line."""
+  e.g. preemption) end it with one line. A closed stdout (`... | head`) ends it quietly
+  with CLOSED_PIPE_STATUS (141), once `finally` blocks and context managers have run (a
+  checkpoint being saved is finished, the run's lock released), as they do for Ctrl-C."""
 
   def wrapped(argv):
     if len(argv) - 1 != len(positional.split()):
@@ -99,4 +133,11 @@ def run(main: Callable[[list[str]], None], positional: str = "") -> None:
       sys.exit(e.exit_status)
 
   hardware.keep_freed_host_memory()  # before JAX's first computation starts its threads
-  app.run(wrapped, flags_parser=_parse_flags)
+  try:
+    app.run(wrapped, flags_parser=_parse_flags)  # ends in SystemExit
+  except BrokenPipeError:  # printing (the command's output, or --help) to a closed pipe
+    if not _silence_closed_outputs():
+      raise  # another pipe than stdout's or stderr's: a bug, with its traceback
+    sys.exit(CLOSED_PIPE_STATUS)
+  except SystemExit as e:  # what is still buffered fails here, not in the interpreter's flush
+    _end_quietly_on_closed_output(e.code)

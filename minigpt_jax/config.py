@@ -95,6 +95,18 @@ def mesh_section() -> ConfigDict:
   return m
 
 
+SEED_RANGE = range(2**32)  # JAX takes a seed modulo 2**32: others would repeat these
+
+
+def check_seed(seed, name: str = "--seed") -> int:
+  """`seed`, once it is an integer in `SEED_RANGE`; every seed a user gives passes here
+  (`validate`'s `seed`, the commands' `--seed`). JAX would fail on one past 64 bits and
+  silently wrap one past 32."""
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEED_RANGE:
+    raise UserError(f"{name} must be an integer in [0, {SEED_RANGE.stop - 1}], got {seed!r}")
+  return seed
+
+
 # The largest model size JAX indexes (int32: positions, cache slots); past it, a jitted call
 # overflows on the value itself.
 MAX_MODEL_SIZE = 2**31 - 1
@@ -113,6 +125,7 @@ def model_size_problem(model) -> str | None:
 
 def validate(c: ConfigDict) -> None:
   """Catches values of the right type but the wrong kind, before any work starts."""
+  check_seed(c.seed, "seed")
   roots = c.data.roots
   if not isinstance(roots, (tuple, list)) or not roots or not all(isinstance(r, str) for r in roots):
     raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")

@@ -42,9 +42,11 @@ def main(_):
       path, _STEP.value, extra_corpora=_EXTRA.value or (),
       num_samples=_NUM.value, max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value or None,
       seed=_SEED.value, compute_dtype=_DTYPE.value)
-  print(scoring.format_report(out))
-  # Named after the step evaluated, which may be older than the newest (a damaged one skipped).
-  print(f"\nwrote {scoring.write_report(out, _JSON_OUT.value)}")
+  try:
+    print(scoring.format_report(out))
+  finally:  # also when stdout is closed (`| head`): the report file keeps the evaluation
+    # Named after the step evaluated, which may be older than the newest (a damaged one skipped).
+    print(f"\nwrote {scoring.write_report(out, _JSON_OUT.value)}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The train and sample commands, run as a user would, in fresh processes."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
-from helpers import run_module, tiny_flags
+from helpers import REPO, one_line_error, run_module, tiny_flags
 from minigpt_jax import report, runs
 
 
@@ -188,3 +192,99 @@ def test_a_run_trained_with_cudnn_attention_samples_on_a_cpu(trained_run, tmp_pa
   got = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(copy), *args))
   want = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(run), *args))
   assert got.stdout == want.stdout and "def " in got.stdout
+
+
+@pytest.mark.parametrize("module,seed", [
+    ("minigpt_jax.train", 2**64),  # was an OverflowError traceback, after the corpus was built
+    ("minigpt_jax.train", -1),  # these two trained without a word: JAX wraps seeds mod 2**32
+    ("minigpt_jax.bench", 2**32),
+])
+def test_a_config_seed_out_of_range_is_refused_before_any_work(tmp_path, corpus_dir, module,
+                                                               seed):
+  if module.endswith("bench"):  # no --workdir; nothing to benchmark: only the check runs
+    args = ["--config", str(REPO / "configs" / "tiny.py"), "--batch_sizes=", "--decode_batches="]
+  else:
+    args = tiny_flags(tmp_path, corpus_dir, "--config.train.steps=1")
+  proc = run_module(module, *args, f"--config.seed={seed}")
+  one_line_error(proc, "seed must be an integer in [0, 4294967295]", f"got {seed}")
+  assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+# --- a closed stdout (`... | head`): status 141, as a process SIGPIPE ended, no traceback ---
+
+def _start(module: str, *args: str, stdout, unbuffered: bool = False) -> subprocess.Popen:
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  env.pop("PYTHONUNBUFFERED", None)  # buffered, as for most users: what is left fails at exit
+  if unbuffered:  # every print writes at once, and fails there
+    env["PYTHONUNBUFFERED"] = "1"
+  return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def _closed_stdout(module: str, *args: str, unbuffered: bool) -> subprocess.CompletedProcess:
+  """Runs the command with its stdout a pipe whose reader has gone already."""
+  read, write = os.pipe()
+  os.close(read)
+  try:
+    proc = _start(module, *args, stdout=write, unbuffered=unbuffered)
+  finally:
+    os.close(write)
+  _, err = proc.communicate(timeout=240)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, None, err)
+
+
+def _quiet_141(returncode: int, stderr: str) -> None:
+  assert returncode == 141, stderr[-3000:]
+  assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-3000:]
+
+
+def test_sample_stream_into_head_ends_quietly_with_141(trained_run):
+  _, run, _ = trained_run
+  # ~150 KB: more than a pipe holds, so the writer is still writing when the reader goes
+  proc = _start("minigpt_jax.sample", "--checkpoint", str(run), "--prompt", "def ", "--stream",
+                "--max_new_tokens", "27", "--num_samples", "2500", "--nostop_at_eos",
+                stdout=subprocess.PIPE)
+  try:
+    head = proc.stdout.read(5)  # as `| head -c 5`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=240)
+  finally:
+    proc.kill()
+  assert head == "=== p"
+  _quiet_141(proc.returncode, err)
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_evaluate_to_a_closed_stdout_still_writes_its_report(trained_run, tmp_path, unbuffered):
+  _, run, _ = trained_run
+  proc = _closed_stdout("minigpt_jax.evaluate", "--checkpoint", str(run), "--num_samples=0",
+                        f"--json_out={tmp_path / 'report.json'}", unbuffered=unbuffered)
+  _quiet_141(proc.returncode, proc.stderr)
+  assert json.loads((tmp_path / "report.json").read_text())["step"] == 20
+
+
+def test_training_that_loses_its_stdout_stops_quietly_with_complete_checkpoints(tmp_path,
+                                                                                corpus_dir):
+  """Stops as Ctrl-C does: a save in progress is finished first, the lock released."""
+  proc = _start("minigpt_jax.train", *tiny_flags(
+      tmp_path, corpus_dir, "--config.train.steps=100000", "--config.train.log_every=1",
+      "--config.train.ckpt_every=2", "--config.train.eval_every=1000000",
+      "--config.sample.num_samples=0"), stdout=subprocess.PIPE)
+  run = tmp_path / "runs" / "tiny"
+  try:
+    assert proc.stdout.read(5)
+    deadline = time.monotonic() + 180  # a few steps in: saves (every 2nd step) under way
+    while time.monotonic() < deadline and proc.poll() is None and not (
+        (run / "metrics.jsonl").exists() and
+        len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
+      time.sleep(0.05)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=240)
+  finally:
+    proc.kill()
+  _quiet_141(proc.returncode, err)
+  names = [p.name for p in (run / "ckpt").iterdir()]
+  assert names and all(n.isdigit() for n in names), names  # no save left half-done
+  assert runs.load_for_inference(str(run)).step == max(map(int, names))  # the newest loads
