@@ -23,5 +23,5 @@ def get_config():
   c.train.eval_every = 300
   c.train.eval_batches = 8
   c.train.ckpt_every = 300
-  c.sample.max_new_tokens = 120  # the prompt, its start marker and these fit the 128 context
+  c.sample.max_new_tokens = 600  # several top-level statements; the context holds 128
   return c

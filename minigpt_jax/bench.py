@@ -26,6 +26,9 @@ _UNCACHED_TOKENS = flags.DEFINE_integer(
     "uncached_tokens", 0, "New tokens for the uncached path (slow: a full forward pass per "
     "token); 0 = --decode_tokens.")
 _SKIP_UNCACHED = flags.DEFINE_bool("skip_uncached", False, "Skip the uncached path.")
+_LONG_TOKENS = flags.DEFINE_integer(
+    "long_tokens", 2000, "New tokens per row of the long-sample rows (past the context, timed "
+    "alternately with a sample that fills it); 0 = none.")
 _DECODE_SEGMENT = flags.DEFINE_integer(
     "decode_segment", None, "The cached decode's cache grows this many slots at a time "
     "(default: as when sampling); 0 = allocated whole at the start (every step reads every slot).")
@@ -52,7 +55,8 @@ def main(_):
         config, batch_sizes=throughput.parse_sizes(_BATCH_SIZES.value, "batch_sizes"),
         decode_batches=throughput.parse_sizes(_DECODE_BATCHES.value, "decode_batches"),
         decode_tokens=_DECODE_TOKENS.value, uncached_tokens=_UNCACHED_TOKENS.value,
-        skip_uncached=_SKIP_UNCACHED.value, decode_segment=_DECODE_SEGMENT.value,
+        skip_uncached=_SKIP_UNCACHED.value, long_tokens=_LONG_TOKENS.value,
+        decode_segment=_DECODE_SEGMENT.value,
         decode_unroll=_DECODE_UNROLL.value, train_steps=_TRAIN_STEPS.value,
         repeats=_REPEATS.value, warmup=_WARMUP.value, profile_dir=_PROFILE_DIR.value,
         command="python -m minigpt_jax.bench " + " ".join(sys.argv[1:]))

@@ -6,7 +6,6 @@ Units: sizes of text in characters (= tokens), schedules in optimizer steps.
 from ml_collections import ConfigDict
 
 from minigpt_jax.errors import UserError
-from minigpt_jax.prompts import room_after_prompt
 from minigpt_jax.tokenizer import CharTokenizer
 
 
@@ -56,7 +55,9 @@ def base_config() -> ConfigDict:
   c.sample = ConfigDict()
   c.sample.prompt = "def "
   c.sample.num_samples = 2
-  c.sample.max_new_tokens = 256
+  # tokens per sample, also `evaluate`'s default; past the context the model keeps its
+  # most recent ones (generate.window_keep)
+  c.sample.max_new_tokens = 2000
   c.sample.temperature = 0.8
   c.sample.top_k = 0  # 0 = off
   c.sample.top_p = 0.95  # 1.0 = off
@@ -156,9 +157,9 @@ def validate(c: ConfigDict) -> None:
     raise UserError("sample.temperature must be > 0, sample.top_p in (0, 1], sample.top_k >= 0")
   if c.sample.num_samples < 0 or c.sample.max_new_tokens < 1:
     raise UserError("sample.num_samples must be >= 0 and sample.max_new_tokens >= 1")
-  if c.sample.num_samples and room_after_prompt(len(c.sample.prompt), c.model.context_len) < 1:
-    raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) leaves no room in the "
-                    f"context of {c.model.context_len}")
+  if c.sample.num_samples and len(c.sample.prompt) + 1 > c.model.context_len:
+    raise UserError(f"sample.prompt ({len(c.sample.prompt)} chars) does not fit the context "
+                    f"of {c.model.context_len} (one slot holds the start marker)")
   for name, value in (("run_name", c.run_name), ("data.name", c.data.name)):
     if not isinstance(value, str) or not value or "/" in value or value.startswith("."):
       raise UserError(f"{name} must be a plain folder name, got {value!r}")

@@ -1,6 +1,13 @@
-"""Generation, top to bottom: pad the prompts, prefill the KV cache with them, decode
-with `lax.scan`s, and pick each token from the logits; plus the uncached reference the
-cache is tested against.
+"""Generation, top to bottom: pad the prompts, prefill a KV cache with them, decode with
+`lax.scan`s a chunk at a time, picking each token from the logits on the device; a sample
+longer than the context goes on from its most recent characters. Plus the uncached
+reference the cache is tested against.
+
+The window rule, which both paths follow: a row's model input is all of its tokens (start
+marker, prompt, new tokens) while they fit the context. The token that would overflow it
+starts the window anew: the row keeps its last `keep` tokens, at positions 0.., and grows
+again until the context is full (`window_len`). Each row follows the rule on its own, so a
+row's text does not depend on the others in its batch.
 
 Prompts are left-padded to P slots (`prompts.pad_prompts`), so every row writes the same
 cache slot at each step; `KVCache.start_B` masks each row's padding.
@@ -10,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig
-from minigpt_jax.prompts import pad_prompts
+from minigpt_jax.prompts import left_pad, pad_prompts
 from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
 
 DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
@@ -24,6 +32,21 @@ DECODE_SEGMENT = 128  # the decode cache grows by this many slots at a time
 # one round trip per iteration (jax-ml/jax#2491), so unrolling may pay there; on the CPU,
 # 4 measured within noise of 1 (BENCHMARKS.md). `bench --decode_unroll` measures it.
 DECODE_UNROLL = 1
+# A full window restarts from its last KEEP_FRACTION of the context (BENCHMARKS.md: the
+# bits/char of the characters after a restart, and the decode speed, against the fraction).
+KEEP_FRACTION = 0.5
+
+
+def window_keep(context_len: int) -> int:
+  """Tokens a full window keeps when it starts anew."""
+  return min(context_len - 1, max(1, round(context_len * KEEP_FRACTION)))
+
+
+def window_len(n_B, context_len: int, keep: int, xp=np):
+  """How many of a row's last n tokens its model input holds (the window rule): all n up
+  to the context, then windows that restart at `keep` tokens and grow to the context."""
+  over_B = n_B - context_len - 1
+  return xp.where(over_B < 0, n_B, keep + over_B % (context_len - keep + 1))
 
 
 def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
@@ -38,27 +61,25 @@ def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[st
 
 def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
                     sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
-                    stop_at_eos: bool = True, segment: int = DECODE_SEGMENT,
-                    unroll: int = DECODE_UNROLL) -> np.ndarray:
-  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens].
+                    stop_at_eos: bool = True, keep: int | None = None,
+                    **decode_options) -> np.ndarray:
+  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens];
+  a row that has ended (`stop_at_eos`) is `<pad>` after its `<eos>`.
 
-  With the cache, the prompts fill a cache of exactly their P slots, which `decode` then
-  grows `segment` slots at a time (0: straight to P + max_new_tokens - 1).
+  `keep`: the window rule's (default `window_keep`); `decode_options`: `decode`'s.
   """
-  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
-  key = jax.random.key(seed)
-  params = compute_params(params, cfg)
-  B, P = tokens_BP.shape
+  keep = keep or window_keep(cfg.context_len)
   if use_cache:
-    cache = KVCache.init(cfg, B, P, start_B)
-    logits_BV, cache = prefill(params, cfg, jnp.asarray(tokens_BP), cache)
-    new_BG, _ = decode(params, cfg, cache, logits_BV, key, max_new_tokens, sampling,
-                           stop_at_eos, segment, unroll)
-  else:
-    buffer_BS = np.concatenate([tokens_BP, np.zeros((B, max_new_tokens), np.int32)], axis=1)
-    new_BG = generate_uncached(params, cfg, jnp.asarray(buffer_BS), jnp.asarray(start_B),
-                                   key, P, sampling, stop_at_eos)
-  return np.asarray(new_BG)
+    chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens,
+                         sampling=sampling, seed=seed, stop_at_eos=stop_at_eos, keep=keep,
+                         **decode_options))
+    new_BG = np.concatenate(chunks, axis=1)  # shorter if every row ended early
+    return np.pad(new_BG, [(0, 0), (0, max_new_tokens - new_BG.shape[1])],
+                  constant_values=PAD_ID)
+  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
+  return np.asarray(generate_uncached(
+      compute_params(params, cfg), cfg, jnp.asarray(tokens_BP), jnp.asarray(start_B),
+      jax.random.key(seed), max_new_tokens, keep, sampling, stop_at_eos))
 
 
 def compute_params(params, cfg: ModelConfig):
@@ -70,11 +91,87 @@ def compute_params(params, cfg: ModelConfig):
 
 # --- the cached path: prefill, then decode -------------------------------------------------------
 
+def decode(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
+           sampling: SamplingConfig, seed: int = 0, stop_at_eos: bool = True,
+           keep: int | None = None, chunk: int = 0, segment: int = DECODE_SEGMENT,
+           unroll: int = DECODE_UNROLL, fill_context: bool = False) -> Iterator[np.ndarray]:
+  """The one decode loop, for plain, streamed and interactive output. Yields each row's
+  new tokens [B, n] as they are made: token 0, then up to `chunk` at a time (0: a cache
+  segment at a time); all `max_new_tokens` in all, or fewer once every row has ended.
+
+  The device decodes the next chunk while the host handles this one. `fill_context`:
+  see `pad_prompts`.
+  """
+  keep = keep or window_keep(cfg.context_len)
+  params = compute_params(params, cfg)
+  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len, fill_context)
+  chunks = _dispatch(params, cfg, tokens_BP, start_B, jax.random.key(seed), max_new_tokens,
+                     sampling, stop_at_eos, keep, chunk, segment, unroll)
+  for new_BN, done_B in _one_ahead(chunks):
+    yield np.asarray(new_BN)  # waits for this chunk only: the next is already dispatched
+    if stop_at_eos and np.asarray(done_B).all():
+      return
+
+
+def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarray,
+              key: jax.Array, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
+              keep: int, chunk: int, segment: int, unroll: int):
+  """Dispatches `decode`'s work; yields (tokens on the device [B, n], done [B]) per chunk.
+
+  Each pass prefills the rows' windows and decodes until the first row's window is full;
+  the next pass restarts the windows by the window rule from the tokens so far.
+  """
+  done_B, t = jnp.zeros(len(start_B), bool), 0
+  rows = [r[s:] for r, s in zip(tokens_BP, start_B)]  # each row's tokens so far
+  lens_B = np.array([len(r) for r in rows])  # of which the window holds the last lens_B
+  while True:
+    cache = KVCache.init(cfg, *tokens_BP.shape, start_B)
+    logits_BV, cache = prefill(params, cfg, jnp.asarray(tokens_BP), cache)
+    tok_B, done_B = first_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
+    made = [tok_B[:, None]]
+    yield made[-1], done_B
+    # Model calls until the fullest window holds the whole context (or the sample ends).
+    calls = min(steps - t - 1, cfg.context_len - lens_B.max())
+    t += 1
+    for slots, n_calls in decode_segments(cache.slots, calls, segment):
+      cache = cache.grow(slots)
+      for n in [chunk] * (n_calls // chunk) + [n_calls % chunk] if chunk else [n_calls]:
+        if n:
+          cache, tok_B, done_B, new_BN = decode_scan(params, cfg, cache, tok_B, done_B, key,
+                                                     t, n, sampling, stop_at_eos, unroll)
+          made.append(new_BN)
+          yield new_BN, done_B
+          t += n
+    if t == steps:
+      return
+    new_BN = np.asarray(jnp.concatenate(made, axis=1))
+    rows = [np.concatenate([r, new]) for r, new in zip(rows, new_BN)]
+    lens_B = window_len(np.array([len(r) for r in rows]), cfg.context_len, keep)
+    tokens_BP, start_B = left_pad([r[len(r) - n:] for r, n in zip(rows, lens_B)], lens_B.max())
+
+
+def _one_ahead(items):
+  """Yields each item once the next has been made: the device decodes the next chunk while
+  the host prints this one."""
+  held = []
+  for item in items:
+    yield from held
+    held = [item]
+  yield from held
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
   """Runs the prompts through the model once. Returns (last logits [B, V], filled cache)."""
   logits_BPV, cache = MiniGPT(cfg).apply({"params": params}, tokens_BP, cache=cache)
   return logits_BPV[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "stop_at_eos"))
+def first_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
+                sampling: SamplingConfig, stop_at_eos: bool):
+  """Token t of each row, picked from a prefill's last logits."""
+  return next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
 
 
 def decode_segments(slots: int, calls: int, segment: int) -> list[tuple[int, int]]:
@@ -91,40 +188,17 @@ def decode_segments(slots: int, calls: int, segment: int) -> list[tuple[int, int
   return [(cap, cap - prev) for prev, cap in zip([slots, *caps], caps)] if calls else []
 
 
-# No donation: decode returns a larger cache than it is given, so the input's buffers
-# could not hold the output anyway (the caller drops the prompt's cache).
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "stop_at_eos",
-                                             "segment", "unroll"))
-def decode(params, cfg: ModelConfig, cache: KVCache, logits_BV: jax.Array, key: jax.Array,
-           steps: int, sampling: SamplingConfig, stop_at_eos: bool = True,
-           segment: int = DECODE_SEGMENT, unroll: int = DECODE_UNROLL):
-  """Samples `steps` tokens after the prompts whose last logits are `logits_BV`.
+                                             "unroll"), donate_argnames=("cache",))
+def decode_scan(params, cfg: ModelConfig, cache: KVCache, tok_B: jax.Array, done_B: jax.Array,
+                key: jax.Array, t, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
+                unroll: int = DECODE_UNROLL):
+  """`steps` model calls, each on the token before it, picking tokens t .. t + steps - 1.
+  `t` is traced: one compile serves every chunk of this length on a cache of this size.
 
-  Token 0 comes from `logits_BV`; each later one costs one model call on the token before
-  it, in the scans of `decode_segments` (planned for a full cache, as `prefill` leaves
-  it). A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
-  Returns (tokens [B, G], the cache holding all but the last token).
+  A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
+  Returns (cache, the last token [B], done [B], the tokens [B, steps]).
   """
-  if steps < 1:
-    raise ValueError(f"decode: steps must be >= 1, got {steps}")
-  step = decode_step(params, cfg, key, sampling, stop_at_eos)
-  tok_B, done_B = next_token(key, 0, logits_BV, jnp.zeros(logits_BV.shape[:1], bool), sampling,
-                             stop_at_eos)
-  tokens = [tok_B[:, None]]
-  t = 1
-  for slots, calls in decode_segments(cache.slots, steps - 1, segment):
-    carry = (cache.grow(slots), tok_B, done_B)
-    (cache, tok_B, done_B), tokens_GB = jax.lax.scan(step, carry, jnp.arange(t, t + calls),
-                                                     unroll=min(unroll, calls))
-    tokens.append(tokens_GB.T)
-    t += calls
-  return jnp.concatenate(tokens, axis=1), cache
-
-
-def decode_step(params, cfg: ModelConfig, key: jax.Array, sampling: SamplingConfig,
-                stop_at_eos: bool):
-  """The body of the decode loops: `step((cache, tokens [B], done [B]), t)` runs the model on
-  each row's last token and picks token t. Returns (the new carry, token t [B])."""
   model = MiniGPT(cfg)
 
   def step(carry, t):
@@ -132,32 +206,37 @@ def decode_step(params, cfg: ModelConfig, key: jax.Array, sampling: SamplingConf
     logits_B1V, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
     tok_B, done_B = next_token(key, t, logits_B1V[:, 0], done_B, sampling, stop_at_eos)
     return (cache, tok_B, done_B), tok_B
-  return step
+
+  (cache, tok_B, done_B), tokens_NB = jax.lax.scan(step, (cache, tok_B, done_B),
+                                                   t + jnp.arange(steps), unroll=unroll)
+  return cache, tok_B, done_B, tokens_NB.T
 
 
 # --- the uncached reference ----------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prompt_len", "sampling", "stop_at_eos"))
-def generate_uncached(params, cfg: ModelConfig, buffer_BS: jax.Array, start_B: jax.Array,
-                      key: jax.Array, prompt_len: int, sampling: SamplingConfig,
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "keep", "sampling", "stop_at_eos"))
+def generate_uncached(params, cfg: ModelConfig, tokens_BP: jax.Array, start_B: jax.Array,
+                      key: jax.Array, steps: int, keep: int, sampling: SamplingConfig,
                       stop_at_eos: bool = True):
-  """Reference decode: the full forward pass over the fixed-size buffer at every step.
-
-  `buffer_BS` holds the left-padded prompts in its first `prompt_len` slots.
-  Returns tokens [B, S - prompt_len].
-  """
-  model = MiniGPT(cfg)
-  steps = buffer_BS.shape[1] - prompt_len
+  """Reference decode: at every step, the full forward pass over each row's window (the
+  window rule), right-aligned in `context_len` slots. Returns tokens [B, steps]."""
+  model, C = MiniGPT(cfg), cfg.context_len
+  B, P = tokens_BP.shape
+  # Every row's tokens, after C slots of padding: the C slots before a row's next token
+  # start at slot P + t.
+  buffer_BS = jnp.concatenate([jnp.full((B, C), PAD_ID, jnp.int32), tokens_BP,
+                               jnp.zeros((B, steps), jnp.int32)], axis=1)
 
   def step(carry, t):
     buffer_BS, done_B = carry
-    logits_BSV, _ = model.apply({"params": params}, buffer_BS, start_B=start_B)
-    logits_BV = jax.lax.dynamic_index_in_dim(logits_BSV, prompt_len - 1 + t, 1, keepdims=False)
-    tok_B, done_B = next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
-    buffer_BS = jax.lax.dynamic_update_slice(buffer_BS, tok_B[:, None], (0, prompt_len + t))
+    window_BC = jax.lax.dynamic_slice_in_dim(buffer_BS, P + t, C, axis=1)
+    lens_B = window_len(P - start_B + t, C, keep, jnp)
+    logits_BCV, _ = model.apply({"params": params}, window_BC, start_B=C - lens_B)
+    tok_B, done_B = next_token(key, t, logits_BCV[:, -1], done_B, sampling, stop_at_eos)
+    buffer_BS = jax.lax.dynamic_update_slice(buffer_BS, tok_B[:, None], (0, C + P + t))
     return (buffer_BS, done_B), tok_B
 
-  done_B = jnp.zeros(buffer_BS.shape[:1], bool)
+  done_B = jnp.zeros((B,), bool)
   _, tokens_GB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
   return tokens_GB.T
 

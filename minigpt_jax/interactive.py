@@ -9,15 +9,58 @@ prompt then continuation, so the output stays clean for scripts.
 """
 
 import sys
+from collections.abc import Iterator
 from typing import Callable, Iterable, Optional, TextIO
 
-from minigpt_jax import generate, streaming
+from minigpt_jax import generate
 from minigpt_jax.errors import UserError
+from minigpt_jax.model import ModelConfig
+from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
+
+# Tokens per decode call when streaming: shorter chunks show text sooner but cost speed
+# (BENCHMARKS.md).
+STREAM_CHUNK = 16
+
+
+def stream_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
+                max_new_tokens: int, sampling: generate.SamplingConfig, seed: int = 0,
+                stop_at_eos: bool = True, fill_context: bool = False,
+                chunk: int = STREAM_CHUNK) -> Iterator[tuple[int, str]]:
+  """`generate.generate_text` as it is produced (the same decode, `chunk` tokens at a
+  time): yields (row, piece), rows in order and each at least once, whose pieces add up to
+  the row's text.
+
+  The rows decode together, so a row's pieces come once the rows before it have ended (at
+  `<eos>`, or at the last token): the first row streams, the others follow.
+  """
+  pieces, ended, row = [[] for _ in prompts], [False] * len(prompts), 0
+  for new_BC in generate.decode(params, cfg, [tok.encode(p) for p in prompts],
+                                max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                                stop_at_eos=stop_at_eos, chunk=chunk,
+                                fill_context=fill_context):
+    for r, new_C in enumerate(new_BC):
+      if not ended[r]:
+        pieces[r].append(tok.decode(new_C, stop_at_eos=stop_at_eos))
+        ended[r] = stop_at_eos and EOS_ID in new_C
+    row = yield from _rows_in_order(pieces, ended, row)
+  yield from _rows_in_order(pieces, [True] * len(prompts), row)
+
+
+def _rows_in_order(pieces: list[list[str]], ended: list[bool], row: int):
+  """Yields (row, text so far) for `row` and the ended rows after it, emptying `pieces`;
+  returns the first row that has not ended."""
+  while row < len(ended):
+    yield row, "".join(pieces[row])
+    pieces[row].clear()
+    if not ended[row]:
+      break
+    row += 1
+  return row
 
 
 def write_stream(pieces: Iterable[tuple[int, str]], rows: list[str], num_samples: int,
                  out: TextIO = sys.stdout) -> list[str]:
-  """Prints `streaming.stream_text`'s pieces as `sample` prints whole texts: a header per row
+  """Prints `stream_text`'s pieces as `sample` prints whole texts: a header per row
   when there are several, the row's prompt (`rows`), its text, a newline. Nothing is printed
   before the first piece, so a prompt the model cannot take prints nothing.
 
@@ -61,21 +104,17 @@ def loop(run, *, max_new_tokens: int, sampling: generate.SamplingConfig, seed: i
          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
   """Answers prompts from `read_line` until it ends; returns how many were answered.
 
-  Every prompt is padded to the same slots (all that `max_new_tokens` leave in the context),
-  so prompts of any length share one compile of prefill and decode. A prompt the model
-  cannot take prints `error: ...` to `err`, and the loop asks again.
+  When the whole continuation fits the context, every prompt is padded to the slots
+  `max_new_tokens` leave, so prompts of any length share one compile of prefill and decode.
+  A prompt the model cannot take prints `error: ...` to `err`, and the loop asks again.
   """
   cfg = run.model_cfg
-  slots = cfg.context_len - max_new_tokens
-  if slots < 2:  # the start marker and at least one character
-    raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in the "
-                    f"context of {cfg.context_len}; lower it")
   params = generate.compute_params(run.params, cfg)  # once, not per prompt
   answered = 0
   while (prompt := read_prompt(read_line, tty)) is not None:
-    pieces = streaming.stream_text(params, cfg, run.tokenizer, [prompt],
-                                  max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                  stop_at_eos=stop_at_eos, fill_context=True)
+    pieces = stream_text(params, cfg, run.tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                         sampling=sampling, seed=seed, stop_at_eos=stop_at_eos,
+                         fill_context=True)
     try:  # at a terminal the prompt is on the screen already: print only the continuation
       write_stream(pieces, ["" if tty else prompt], 1, out)
     except UserError as e:

@@ -293,13 +293,11 @@ class MiniGPT(nn.Module):
       if T > cfg.context_len:
         raise ValueError(f"MiniGPT: {T} tokens exceed the context length {cfg.context_len}")
       slots_T = jnp.arange(T)
-    else:  # a cache within the context keeps every position inside the position table
+    else:  # positions count from each row's start, so a cache may outgrow the context
+      # by a row's left padding; `generate.decode` keeps every row's tokens within it.
       if not len(cache.k_BHSK) == len(cache.v_BHSK) == cfg.n_layers:
         raise ValueError(f"MiniGPT: a cache of {len(cache.k_BHSK)} layers for a model of "
                          f"{cfg.n_layers}")
-      if cache.slots > cfg.context_len:
-        raise ValueError(f"MiniGPT: a cache of {cache.slots} slots exceeds the context length "
-                         f"{cfg.context_len}")
       slots_T, start_B = cache.index + jnp.arange(T), cache.start_B
     if start_B is None:
       pos_BT = jnp.broadcast_to(slots_T, (B, T))

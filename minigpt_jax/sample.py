@@ -20,8 +20,9 @@ _CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat for several (default: 'def ').")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "File whose whole text is one more prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Characters to generate per sample "
-                                "(the default shrinks to fit the model's context).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 500, "Characters to generate per sample; "
+                                "past the context the model keeps its most recent ones "
+                                "(--interactive: default half the context).")
 _TEMP = flags.DEFINE_float("temperature", _DEFAULT.temperature, "Softmax temperature (> 0).")
 _TOP_K = flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Keep the k most likely characters; 0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", _DEFAULT.top_p, "Nucleus sampling mass; 1.0 = off.")
@@ -69,7 +70,7 @@ def main(_):
   check_streaming_flags()
   prompts = read_prompts()
   # after flag parsing: fast --help
-  from minigpt_jax import generate, interactive, prompts as prompts_lib, runs, streaming
+  from minigpt_jax import generate, interactive, runs
   try:
     sampling = generate.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
                                        top_p=_TOP_P.value, greedy=_GREEDY.value)
@@ -79,11 +80,9 @@ def main(_):
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
   run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
-  max_new, context_len = _MAX_NEW.value, run.model_cfg.context_len
-  if not flags.FLAGS["max_new_tokens"].present:  # the default shrinks to fit small contexts
-    # --interactive: half the context, as its prompts are not known yet
-    max_new = (max(1, context_len // 2) if _INTERACTIVE.value else
-               prompts_lib.fit_new_tokens(max_new, map(len, prompts), context_len))
+  max_new = _MAX_NEW.value
+  if _INTERACTIVE.value and not flags.FLAGS["max_new_tokens"].present:
+    max_new = max(1, run.model_cfg.context_len // 2)  # prompts of any length: one compile
   if _INTERACTIVE.value:
     with errors.out_of_memory_names("--max_new_tokens"):
       interactive.loop(run, max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
@@ -93,9 +92,9 @@ def main(_):
   t0 = time.perf_counter()
   with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
     if _STREAM.value:
-      pieces = streaming.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
-                                    max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
-                                    stop_at_eos=_STOP.value)
+      pieces = interactive.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
+                                       max_new_tokens=max_new, sampling=sampling,
+                                       seed=_SEED.value, stop_at_eos=_STOP.value)
       texts = interactive.write_stream(pieces, rows, _NUM.value)
     else:
       texts = generate.generate_text(

@@ -21,7 +21,6 @@ from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig
-from minigpt_jax.prompts import room_after_prompt
 from minigpt_jax.tokenizer import EOS_ID, CharTokenizer
 from minigpt_jax.train_step import summed_nats
 
@@ -139,15 +138,15 @@ def sample_validity(params, cfg, tok, prompts: list[str], *, max_new_tokens: int
 # --- the evaluate report --------------------------------------------------------------------
 
 def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
-                        num_samples: int = 64, max_new_tokens: int = 256,
+                        num_samples: int = 64, max_new_tokens: int | None = None,
                         batch_size: int | None = None, seed: int = 0,
                         compute_dtype: str | None = None, log=print) -> dict:
   """Loads checkpoint `path` (a run directory, or its ckpt/<step>; `step` overrides) and
   measures it: the val split and each of `extra_corpora` (folders of .py files) scored
-  whole, and `num_samples` samples (0: none) of up to `max_new_tokens` (lowered to fit the
-  context) checked for syntax. `batch_size` None: the run's train.batch_size;
+  whole, and `num_samples` samples (0: none) of up to `max_new_tokens` (None: the run's
+  sample.max_new_tokens) checked for syntax. `batch_size` None: the run's train.batch_size;
   `compute_dtype` None: "auto", resolved here. Returns the report `write_report` saves."""
-  if num_samples < 0 or max_new_tokens < 1:
+  if num_samples < 0 or (max_new_tokens is not None and max_new_tokens < 1):
     raise UserError("num_samples must be >= 0 and max_new_tokens >= 1")
   for folder in extra_corpora:  # before the slow part
     if not pathlib.Path(folder).expanduser().is_dir():
@@ -176,23 +175,17 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   if num_samples:
     t0 = time.perf_counter()
     with out_of_memory_names("--num_samples (or --max_new_tokens)"):
-      out["syntax"] = syntax_report(run, num_samples, max_new_tokens, seed, log)
+      out["syntax"] = syntax_report(run, num_samples,
+                                    max_new_tokens or run.config.sample.max_new_tokens, seed)
     out["syntax_seconds"] = time.perf_counter() - t0
   return out
 
 
-def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int, seed: int,
-                  log=print) -> dict:
+def syntax_report(run: runs.LoadedRun, num_samples: int, max_new_tokens: int,
+                  seed: int) -> dict:
   """The report's "syntax" section: `sample_validity` of `num_samples` continuations of
   `PROMPTS` (in turn), with its settings and the rate per prompt."""
-  cfg = run.model_cfg
-  fit = room_after_prompt(max(len(p) for p in PROMPTS), cfg.context_len)
-  if fit < 1:
-    raise UserError(f"context length {cfg.context_len} leaves no room to sample after "
-                    f"the prompts {PROMPTS}")
-  if max_new_tokens > fit:
-    log(f"max_new_tokens {max_new_tokens} lowered to {fit} to fit the context")
-  sampling, max_new_tokens = default_sampling(), min(max_new_tokens, fit)
+  cfg, sampling = run.model_cfg, default_sampling()
   prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_samples)]
   result = sample_validity(run.params, cfg, run.tokenizer, prompts,
                            max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
@@ -220,7 +213,8 @@ def format_report(out: dict) -> str:
                   f"(up to {s['max_new_tokens']} new chars, T={s['temperature']}, "
                   f"top_p={s['top_p']}, seed {s['seed']})",
               f"  kept per sample: {s['mean_kept_chars']:.1f} chars, "
-              f"{s['mean_kept_fraction']:.1%} of the sample"]
+              f"{s['mean_kept_fraction']:.1%} of the sample; whole def/class blocks kept: "
+              f"{s['blocks']} ({s['samples_with_blocks']} samples hold one)"]
     for p, r in s["by_prompt"].items():
       lines.append(f"  {p!r:<14} {r['rate']:>6.1%} of {r['n']}")
   return "\n".join(lines)

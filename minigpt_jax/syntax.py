@@ -66,17 +66,28 @@ def validity(samples: list[str], truncated: list[bool]) -> dict:
   """How much of each sample (prompt included, see above) is a valid program; `truncated`
   per sample as in `cut_to_complete`.
 
-  Returns {"n", "valid": samples whose kept prefix is non-empty, "rate": valid / n,
+  Returns {"n", "valid": samples whose kept prefix is non-empty, "blocks": whole `def` and
+  `class` statements (nested ones too) in the kept prefixes, "samples_with_blocks": kept
+  prefixes that hold at least one, "rate": valid / n,
   "mean_kept_chars", "mean_kept_fraction" (an empty sample counts 0), "kept_chars": per sample}.
   """
-  kept = [len(cut_to_complete(s, t)) for s, t in zip(samples, truncated, strict=True)]
+  programs = [cut_to_complete(s, t) for s, t in zip(samples, truncated, strict=True)]
+  kept, blocks = [len(p) for p in programs], [count_blocks(p) for p in programs]
   n = len(samples)
   valid = sum(k > 0 for k in kept)
   return {
       "n": n,
       "valid": valid,
+      "blocks": sum(blocks),
+      "samples_with_blocks": sum(b > 0 for b in blocks),
       "rate": valid / n if n else 0.0,
       "mean_kept_chars": sum(kept) / n if n else 0.0,
       "mean_kept_fraction": sum(k / len(s) for k, s in zip(kept, samples) if s) / n if n else 0.0,
       "kept_chars": kept,
   }
+
+
+def count_blocks(program: str) -> int:
+  """`def`, `async def` and `class` statements in `program` (a valid one, or "")."""
+  kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+  return sum(isinstance(node, kinds) for node in ast.walk(ast.parse(program)))

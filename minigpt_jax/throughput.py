@@ -10,6 +10,7 @@ stderr and one JSON object to stdout (and to --json_out).
 import contextlib
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -27,7 +28,6 @@ from minigpt_jax import generate, hardware, sharding, train_step
 from minigpt_jax.errors import UserError
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
-from minigpt_jax.prompts import room_after_prompt
 from minigpt_jax.tokenizer import CharTokenizer
 
 SCHEMA = "minigpt_jax.bench/1"
@@ -141,6 +141,31 @@ def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cache
           "tokens_per_s": tok_s, "tokens_per_s_repeats": tok_s_each}
 
 
+def bench_long_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, repeats: int,
+                      seed: int = 0) -> dict:
+  """A sample of `new_tokens` per row, past the context (the window rule's restarts
+  included), against one that fills the context, timed alternately (in context, long, in
+  context, long, ...) so that both see the same machine. Greedy, empty prompts."""
+  empty = [np.zeros((0,), np.int32)] * batch
+  calls = {n: functools.partial(generate.generate_tokens, params, cfg, empty, max_new_tokens=n,
+                               sampling=GREEDY, seed=seed, stop_at_eos=False)
+          for n in (cfg.context_len - 1, new_tokens)}
+  first = {n: timed_repeats(fn, 1)[0] for n, fn in calls.items()}  # compiles
+  seconds = {n: [] for n in calls}
+  for _ in range(repeats):
+    for n, fn in calls.items():
+      seconds[n] += timed_repeats(fn, 1)
+  (short, short_s), (long, long_s) = seconds.items()
+  ratios = [(new_tokens / l) / (short / s) for s, l in zip(short_s, long_s)]
+  return {"mode": "cached", "batch": batch, "new_tokens": new_tokens,
+          "in_context_tokens": short, "first_call_s": first[long],
+          "seconds": statistics.median(long_s),
+          "tokens_per_s": rate(batch * new_tokens, long_s)[0],
+          "in_context_tokens_per_s": rate(batch * short, short_s)[0],
+          "long_over_in_context": statistics.median(ratios),
+          "long_over_in_context_repeats": ratios}
+
+
 def decode_plan(batches, tokens: int, uncached_tokens: int, skip_uncached: bool):
   """(cached, batch, new tokens) to run: cached at both lengths, so every uncached run has a
   cached twin to compare with."""
@@ -160,6 +185,7 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8),
         decode_tokens: int = 0, uncached_tokens: int = 0, skip_uncached: bool = False,
+        long_tokens: int = 2000,
         decode_segment: Optional[int] = None, decode_unroll: Optional[int] = None,
         train_steps: int = 10, repeats: int = 5,
         warmup: int = 2, command: str = "", profile_dir: Optional[str] = None,
@@ -173,11 +199,11 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
     raise UserError(f"--decode_unroll must be >= 1, got {decode_unroll}")
   cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
   batch_sizes = [config.train.batch_size] if batch_sizes is None else sorted(batch_sizes)
-  decode_tokens = decode_tokens or room_after_prompt(0, cfg.context_len)  # an empty prompt
+  decode_tokens = decode_tokens or cfg.context_len - 1  # an empty prompt fills the context
   uncached_tokens = uncached_tokens or decode_tokens
   mesh = sharding.make_mesh(config.mesh)
   check_request(config, cfg, mesh, batch_sizes, (decode_tokens, uncached_tokens), decode_segment,
-                train_steps, repeats, warmup)
+                train_steps, repeats, warmup, long_tokens)
   result = {"schema": SCHEMA, "command": command, **environment(),
             "mesh": dict(mesh.shape), "peak_flops_per_device": hardware.peak_flops(),
             "model": dataclasses.asdict(cfg), "param_count": None,
@@ -196,10 +222,18 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
     plan = decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached)
     hardware.fit_host_memory_to(0)  # decode with freed memory kept, as `sample` does
     rows = decode_rows(config, cfg, plan, repeats, decode_segment, decode_unroll, log)
+    long_rows = []
+    if long_tokens:
+      params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+      for b in decode_batches:
+        log(f"decode: cached, batch {b}, {long_tokens} tokens, alternated with "
+            f"{cfg.context_len - 1} ...")
+        long_rows.append(bench_long_decode(params, cfg, batch=b, new_tokens=long_tokens,
+                                           repeats=repeats, seed=config.seed))
   result["decode"] = {"prompt": "empty (the start marker only)", "sampling": "greedy",
                       "stop_at_eos": False, "cache_segment": decode_segment,
                       "unroll": decode_unroll, "repeats": repeats, "results": rows,
-                      "speedups": speedups(rows)}
+                      "speedups": speedups(rows), "long": long_rows}
   return result
 
 
@@ -216,16 +250,18 @@ def decode_rows(config, cfg: ModelConfig, plan, repeats: int, segment: int, unro
 
 
 def check_request(config, cfg: ModelConfig, mesh, batch_sizes, decode_lengths, decode_segment,
-                  train_steps: int, repeats: int, warmup: int) -> None:
+                  train_steps: int, repeats: int, warmup: int, long_tokens: int = 0) -> None:
   """Refuses a benchmark that cannot run, before any compilation."""
   if config.mesh.distributed:
     raise UserError("the benchmark runs in one process; set --config.mesh.distributed=False")
   if min(train_steps, repeats) < 1 or warmup < 0:
     raise UserError("--train_steps and --repeats must be >= 1, --warmup >= 0")
+  if long_tokens < 0:
+    raise UserError(f"--long_tokens must be >= 0 (0: none), got {long_tokens}")
   if decode_segment < 0 or 0 < decode_segment < 16:
     raise UserError(f"--decode_segment must be 0 (no segments) or >= 16 (each segment "
                     f"compiles its own loop), got {decode_segment}")
-  room = room_after_prompt(0, cfg.context_len)
+  room = cfg.context_len - 1  # the start marker takes a slot
   for n in decode_lengths:
     if not 1 <= n <= room:
       raise UserError(f"decode tokens must be in [1, {room}] (context_len - 1: "
@@ -274,6 +310,10 @@ def format_table(result: dict) -> str:
   for r in result["decode"]["results"]:
     lines.append(f"{r['mode']:>9} {r['batch']:>6} {r['new_tokens']:>7} "
                  f"{r['first_call_s']:>8.1f} {r['tokens_per_s']:>10,.0f}")
+  for r in result["decode"]["long"]:
+    lines.append(f"{'long':>9} {r['batch']:>6} {r['new_tokens']:>7} {r['first_call_s']:>8.1f} "
+                 f"{r['tokens_per_s']:>10,.0f}  {r['long_over_in_context']:.2f}x the "
+                 f"{r['in_context_tokens']}-token sample's {r['in_context_tokens_per_s']:,.0f}")
   for s in result["decode"]["speedups"]:
     lines.append(f"cached/uncached, batch {s['batch']}, {s['new_tokens']} tokens: "
                  f"{s['cached_over_uncached']:.1f}x")

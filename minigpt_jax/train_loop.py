@@ -15,7 +15,6 @@ from minigpt_jax import checkpoints, data, preemption, hardware, report, runs, s
 from minigpt_jax.errors import UserError, first_line, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig, flops_per_token, param_count
-from minigpt_jax.prompts import fit_new_tokens
 from minigpt_jax.tokenizer import CharTokenizer
 
 
@@ -265,11 +264,10 @@ class Hooks:
                                     t.eval_batches * t.batch_size)
     checked = None
     if s.num_samples > 0:
-      new_tokens = fit_new_tokens(s.max_new_tokens, [len(s.prompt)], self.cfg.context_len)
       with out_of_memory_names("sample.num_samples (or sample.max_new_tokens)"):
         checked = scoring.sample_validity(
             params, self.cfg, CharTokenizer(), [s.prompt] * s.num_samples,
-            max_new_tokens=new_tokens, seed=step,
+            max_new_tokens=s.max_new_tokens, seed=step,
             sampling=SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
     self.reporter.eval(step, val, checked)
 

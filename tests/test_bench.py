@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import types
 
 import jax
@@ -93,7 +94,7 @@ def test_parse_sizes():
 def test_bench_cli_on_tiny_config(tmp_path):
   out = tmp_path / "not" / "yet" / "bench.json"  # folders are made, as by evaluate
   proc = run_module("minigpt_jax.bench", "--config", TINY, "--batch_sizes=4,2",
-                    "--decode_batches=2", "--decode_tokens=4",
+                    "--decode_batches=2", "--decode_tokens=4", "--long_tokens=70",
                     "--train_steps=2", "--repeats=2", "--warmup=1", f"--json_out={out}",
                     timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,6 +133,12 @@ def test_bench_cli_on_tiny_config(tmp_path):
            for s in result["decode"]["speedups"]}
   assert list(speed) == [(2, 4)] and speed[2, 4] > 0
   assert result["decode"]["cache_segment"] == throughput.generate.DECODE_SEGMENT  # as when sampling
+  [long] = result["decode"]["long"]  # 70 tokens: past the tiny context of 32, twice
+  assert (long["batch"], long["new_tokens"], long["in_context_tokens"]) == (2, 70, 31)
+  assert len(long["long_over_in_context_repeats"]) == 2
+  assert long["long_over_in_context"] == pytest.approx(
+      statistics.median(long["long_over_in_context_repeats"]))
+  assert "long" in proc.stderr
 
 
 def test_bench_cli_refuses_too_many_decode_tokens():

@@ -153,7 +153,8 @@ def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):
     (["--checkpoint", "/nonexistent/run"], "does not exist"),
     (["--step", "7"], "no checkpoint for step 7"),
     (["--prompt", "caf\u00e9"], "'\u00e9' at 3"),
-    (["--max_new_tokens", "100"], "exceed the context length 32"),
+    (["--prompt", "x" * 32], "32 characters does not fit the context of 32"),
+    (["--max_new_tokens", "0"], "max_new_tokens must be >= 1"),
     (["--temperature", "0"], "temperature must be > 0"),
 ])
 def test_sample_bad_input_is_a_one_line_error(trained_run, args, fragment):

@@ -122,19 +122,86 @@ def test_unrolled_decode_equals_uncached(unroll):
 def test_decode_makes_one_model_call_per_token_after_the_first():
   """N new tokens: the first comes from the prefill logits, then N - 1 calls, each writing
   one cache slot; no call is spent after the last token."""
+  calls = []
+  real = generate.decode_scan
+  counting = lambda *a, **k: calls.append(a[7]) or real(*a, **k)  # a[7]: the scan's steps
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(generate, "decode_scan", counting)
+    new_BN = generate.generate_tokens(PARAMS, CFG, [_random_prompt(3, 1)], max_new_tokens=20,
+                                      sampling=GREEDY, stop_at_eos=False, segment=8)
+  assert new_BN.shape == (1, 20)
+  assert calls == [8, 8, 3]  # prompt bucket 16: slots 16-23, 24-31, 32-34
+
+
+def test_decode_scan_writes_one_slot_per_call():
   tokens_BP, start_B = prompts.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
   P = tokens_BP.shape[1]
   cache = KVCache.init(CFG, 1, P, start_B)
   logits_BV, cache = generate.prefill(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
   assert cache.slots == P and int(cache.index) == P
-  new_BN, cache = generate.decode(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 20,
-                                      GREEDY, False, 8)
-  assert new_BN.shape == (1, 20)
-  assert cache.slots == P + 19 and int(cache.index) == P + 19
+  tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+  cache, _, _, new_BN = generate.decode_scan(PARAMS, CFG, cache.grow(P + 19), tok_B,
+                                             jnp.zeros(1, bool), jax.random.key(0), 1, 19,
+                                             GREEDY, False)
+  assert new_BN.shape == (1, 19) and int(cache.index) == P + 19
   k = np.stack(cache.k_BHSK)  # [L, B, H, S, K]
   assert np.abs(k[:, :, :, start_B[0]:]).sum(axis=(0, 1, 2, 4)).min() > 0  # every slot written
-  with pytest.raises(ValueError, match="steps must be >= 1"):
-    generate.decode(PARAMS, CFG, cache, logits_BV, jax.random.key(0), 0, GREEDY)
+
+
+# --- samples longer than the context ------------------------------------------------------------
+
+def test_window_rule_by_hand():
+  """Context 8, keep 5: all tokens up to 8, then windows of 5, 6, 7, 8, 5, ..."""
+  lens = generate.window_len(np.arange(1, 19), 8, 5)
+  assert lens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+  assert generate.window_keep(128) == 64 and generate.window_keep(2) == 1
+
+
+SHORT = model_config(context_len=16)
+SHORT_PARAMS = init_params(SHORT, jax.random.key(1))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0, top_k=40)],
+                         ids=["greedy", "sampled"])
+def test_long_samples_cached_equal_uncached_across_window_restarts(sampling):
+  """300 tokens in a context of 16 (about 40 restarts per row; ragged rows restart at
+  different steps), float32: the same tokens both ways, and again for the same seed."""
+  prompts_ = [_random_prompt(n, 400 + n) for n in (1, 6, 13)]
+  kw = dict(max_new_tokens=300, sampling=sampling, seed=7, stop_at_eos=False)
+  a = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, segment=8, **kw)
+  b = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, use_cache=False, **kw)
+  assert a.shape == (3, 300)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(a, generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw))
+  assert len(np.unique(a)) > 10  # real text, not one token repeated
+
+
+def test_long_samples_ragged_equal_one_by_one():
+  prompts_ = [_random_prompt(n, 500 + n) for n in (2, 11, 7)]
+  kw = dict(max_new_tokens=120, sampling=GREEDY, stop_at_eos=False)
+  together = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw)
+  for row, p in enumerate(prompts_):
+    alone = generate.generate_tokens(SHORT_PARAMS, SHORT, [p], **kw)
+    np.testing.assert_array_equal(together[row], alone[0])
+
+
+def test_a_window_restart_sees_only_the_kept_tokens():
+  """Right after a restart the model sees the last `keep` tokens at positions 0..: the
+  next token's logits are those of a plain forward pass over exactly those tokens."""
+  calls = []
+  real = generate.prefill
+  spy = lambda params, cfg, tokens_BP, cache: calls.append(np.asarray(tokens_BP)) or real(
+      params, cfg, tokens_BP, cache)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(generate, "prefill", spy)
+    new = generate.generate_tokens(SHORT_PARAMS, SHORT, [_random_prompt(3, 9)],
+                                   max_new_tokens=40, sampling=GREEDY, stop_at_eos=False, keep=10)
+  row = np.concatenate([[EOS_ID], _random_prompt(3, 9), new[0]])
+  # The prompt's 4 tokens (not padded: the sample outgrows the context anyway), then
+  # restarts as the 17th, 24th, 31st and 38th of the 44 tokens is consumed.
+  assert [c.shape for c in calls] == [(1, 4), (1, 10), (1, 10), (1, 10), (1, 10)]
+  np.testing.assert_array_equal(calls[1][0], row[16 - 9:16 + 1])
+  np.testing.assert_array_equal(calls[2][0], row[23 - 9:23 + 1])
 
 
 def test_kv_cache_grow_keeps_contents_and_refuses_to_shrink():
@@ -219,8 +286,9 @@ def test_no_prompt_is_a_clear_error():
 
 
 def test_prompt_over_the_context_is_a_clear_error():
-  with pytest.raises(UserError, match="exceed the context length 64"):
-    prompts.pad_prompts([np.zeros(40, np.int32)], 30, 64)
+  prompts.pad_prompts([np.zeros(63, np.int32)], 300, 64)  # fits: its marker takes the 64th
+  with pytest.raises(UserError, match="64 characters does not fit the context of 64"):
+    prompts.pad_prompts([np.zeros(64, np.int32)], 1, 64)
   with pytest.raises(TokenizerError, match="'é' at 2"):
     generate.generate_text(PARAMS, CFG, tok, ["a é"], max_new_tokens=4, sampling=GREEDY)
 

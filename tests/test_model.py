@@ -238,17 +238,6 @@ def test_bfloat16_compute_keeps_float32_precision_in_the_lm_head():
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
 
 
-def test_a_cache_longer_than_the_context_is_refused():
-  """Positions past the context would silently reuse the last position embedding."""
-  params = init_params(SMALL, jax.random.key(0))
-  ok = KVCache.init(SMALL, 1, SMALL.context_len)
-  logits, cache = MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32), cache=ok)
-  assert int(cache.index) == 4 and np.isfinite(logits).all()
-  with pytest.raises(ValueError, match="cache of 33 slots exceeds the context length 32"):
-    MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32),
-                         cache=KVCache.init(SMALL, 1, SMALL.context_len + 1))
-
-
 FAULTS_AFTER_FREE = """
 import ctypes, resource, sys
 from minigpt_jax import hardware

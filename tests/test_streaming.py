@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, model_config, ok, one_line_error, run_module, tiny_flags
-from minigpt_jax import generate, interactive, runs, streaming
+from minigpt_jax import generate, interactive, runs
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import init_params
 from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
@@ -43,7 +43,7 @@ def _sample_with_stdin(*args, stdin_text: str):
                         input=stdin_text, capture_output=True, text=True, timeout=240)
 
 
-# --- the library: stream_tokens and stream_text --------------------------------------------------
+# --- the library: decode in chunks, and stream_text --------------------------------------------------
 
 @pytest.mark.parametrize("sampling,stop_at_eos,segment,chunk", [
     (GREEDY, True, 8, 3), (SAMPLED, False, 8, 3), (GREEDY, False, 0, 16), (SAMPLED, True, 128, 5),
@@ -54,12 +54,23 @@ def test_stream_tokens_equal_generate_tokens(sampling, stop_at_eos, segment, chu
   common = dict(max_new_tokens=20, sampling=sampling, seed=3, stop_at_eos=stop_at_eos)
   want_BG = generate.generate_tokens(PARAMS, CFG, prompts, segment=segment, **common)
   assert sampling.greedy or (want_BG == EOS_ID).any(axis=1).all()  # seed 3: every row ends
-  chunks = list(streaming.stream_tokens(PARAMS, CFG, prompts, segment=segment, chunk=chunk,
+  chunks = list(generate.decode(PARAMS, CFG, prompts, segment=segment, chunk=chunk,
                                        **common))
   got_BG = np.concatenate(chunks, axis=1)
   assert all(c.shape[1] <= chunk for c in chunks[1:])
   np.testing.assert_array_equal(got_BG, want_BG[:, :got_BG.shape[1]])
   assert (want_BG[:, got_BG.shape[1]:] == PAD_ID).all()  # stopped early only once all ended
+
+
+def test_streamed_long_samples_equal_plain_ones():
+  """Past the context (window restarts at different steps for ragged rows), in chunks of
+  5: the same tokens as the one-chunk-per-segment decode."""
+  cfg = model_config(context_len=16)
+  params = init_params(cfg, jax.random.key(2))
+  common = dict(max_new_tokens=90, sampling=SAMPLED, seed=4, stop_at_eos=False)
+  want_BG = generate.generate_tokens(params, cfg, _prompts(2, 9), **common)
+  got_BG = np.concatenate(list(generate.decode(params, cfg, _prompts(2, 9), chunk=5, **common)), 1)
+  np.testing.assert_array_equal(got_BG, want_BG)
 
 
 def test_stream_tokens_stop_once_every_row_has_ended():
@@ -69,7 +80,7 @@ def test_stream_tokens_stop_once_every_row_has_ended():
   params = dict(PARAMS, ln_f={"scale": 0 * ones_D, "bias": ones_D},
                 lm_head={"kernel": np.zeros((CFG.d_model, CFG.vocab_size), np.float32)})
   params["lm_head"]["kernel"][:, EOS_ID] = 1
-  chunks = list(streaming.stream_tokens(params, CFG, _prompts(3, 4), max_new_tokens=40,
+  chunks = list(generate.decode(params, CFG, _prompts(3, 4), max_new_tokens=40,
                                        sampling=GREEDY, chunk=4))
   assert chunks[0].tolist() == [[EOS_ID], [EOS_ID]]
   assert len(chunks) <= 2, "decoding should stop once every row has ended"
@@ -78,9 +89,9 @@ def test_stream_tokens_stop_once_every_row_has_ended():
 def test_stream_yields_before_decoding_ends(monkeypatch):
   """The first tokens come out while later chunks are still to be decoded."""
   calls = []
-  real = streaming.decode_chunk
-  monkeypatch.setattr(streaming, "decode_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
-  stream = streaming.stream_tokens(PARAMS, CFG, _prompts(4), max_new_tokens=40, sampling=GREEDY,
+  real = generate.decode_scan
+  monkeypatch.setattr(generate, "decode_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
+  stream = generate.decode(PARAMS, CFG, _prompts(4), max_new_tokens=40, sampling=GREEDY,
                                   stop_at_eos=False, chunk=4)
   next(stream)
   next(stream)
@@ -93,7 +104,7 @@ def test_stream_text_rows_in_order_add_up_to_generate_text():
   texts = ["def ", "class A:\n    x = ", "import o"]
   common = dict(max_new_tokens=25, sampling=SAMPLED, seed=2, stop_at_eos=True)
   want = generate.generate_text(PARAMS, CFG, tok, texts, **common)
-  pieces = list(streaming.stream_text(PARAMS, CFG, tok, texts, **common))
+  pieces = list(interactive.stream_text(PARAMS, CFG, tok, texts, **common))
   rows = [r for r, _ in pieces]
   assert rows == sorted(rows) and set(rows) == {0, 1, 2}  # every row, one after another
   assert ["".join(p for r, p in pieces if r == row) for row in range(3)] == want
@@ -104,13 +115,12 @@ def _compiles(caplog):
           if r.getMessage().startswith("Compiling")]
 
 
-def test_streamed_generation_compiles_once_per_cache_size(caplog):
-  """40 tokens in chunks of 4 over caches grown 16 slots at a time: one decode_chunk compile
-  per cache size, not per chunk, and none the second time."""
+def test_streamed_generation_compiles_once_per_cache_size_and_chunk_length(caplog):
+  """40 tokens in chunks of 4 over caches grown 16 slots at a time: one decode_scan compile
+  per cache size and chunk length, not per chunk, and none the second time."""
   prompts = _prompts(5)
-  run = lambda: list(streaming.stream_tokens(PARAMS, CFG, prompts, max_new_tokens=40,
-                                            sampling=GREEDY, stop_at_eos=False, chunk=4,
-                                            segment=16))
+  run = lambda: list(generate.decode(PARAMS, CFG, prompts, max_new_tokens=40, sampling=GREEDY,
+                                     stop_at_eos=False, chunk=4, segment=16))
   jax.clear_caches()  # earlier tests compiled some of these shapes
   with caplog.at_level(logging.WARNING), jax.log_compiles():
     run()
@@ -118,8 +128,9 @@ def test_streamed_generation_compiles_once_per_cache_size(caplog):
     caplog.clear()
     run()
     second = _compiles(caplog)
-  plan = generate.decode_segments(16, 39, 16)  # prompt bucket 16: caches of 32, 48, 55 slots
-  assert first.count("Compiling jit(decode_chunk)") == len(plan) == 3, first
+  # prompt bucket 16: caches of 32, 48, 55 slots; 16 + 16 + 7 calls: chunks of 4, and one of 3
+  assert generate.decode_segments(16, 39, 16) == [(32, 16), (48, 16), (55, 7)]
+  assert first.count("Compiling jit(decode_scan)") == 4, first
   assert second == [], second
 
 
@@ -147,14 +158,14 @@ def test_read_prompt_continues_lines_ending_in_a_backslash():
 
 
 def test_interactive_errors_ask_again_and_empty_input_exits():
-  read_line, _ = _lines("d\u00e9f", "x" * 60, "def ", "", "never read")
+  read_line, _ = _lines("d\u00e9f", "x" * 64, "def ", "", "never read")
   out, err = io.StringIO(), io.StringIO()
   answered = interactive.loop(RUN, max_new_tokens=8, sampling=GREEDY, seed=0, stop_at_eos=False,
                               read_line=read_line, tty=False, out=out, err=err)
   assert answered == 1
   errors = err.getvalue().splitlines()
   assert len(errors) == 2 and all(e.startswith("error: ") for e in errors), errors
-  assert "outside the vocabulary" in errors[0] and "exceed the context" in errors[1]
+  assert "outside the vocabulary" in errors[0] and "does not fit the context" in errors[1]
   want = generate.generate_text(PARAMS, CFG, tok, ["def "], max_new_tokens=8, sampling=GREEDY,
                                 stop_at_eos=False)[0]
   assert out.getvalue() == "def " + want + "\n"
@@ -170,7 +181,7 @@ def test_interactive_prompts_of_new_lengths_compile_nothing_new(caplog):
     interactive.loop(RUN, max_new_tokens=20, sampling=SAMPLED, seed=1, stop_at_eos=True,
                      read_line=counting, tty=False, out=io.StringIO(), err=io.StringIO())
   names = _compiles(caplog)
-  assert {"Compiling jit(prefill)", "Compiling jit(decode_chunk)"} <= set(names[marks[0]:marks[1]])
+  assert {"Compiling jit(prefill)", "Compiling jit(decode_scan)"} <= set(names[marks[0]:marks[1]])
   assert names[marks[1]:] == [], names[marks[1]:]
 
 
@@ -178,7 +189,7 @@ def test_interactive_prompts_of_new_lengths_compile_nothing_new(caplog):
 
 @pytest.mark.parametrize("args", [
     ["--greedy"],
-    ["--greedy", "--nostop_at_eos"],
+    ["--greedy", "--nostop_at_eos", "--max_new_tokens", "90"],  # past the context of 32
     ["--seed", "7", "--top_k", "20", "--temperature", "1.5", "--nostop_at_eos"],
     ["--seed", "3", "--prompt", "class ", "--num_samples", "2", "--temperature", "1.5"],
 ], ids=["greedy", "greedy-nostop", "sampled-nostop", "sampled-several"])

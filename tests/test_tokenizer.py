@@ -76,10 +76,3 @@ def test_a_missing_field_is_named_missing():
   del d["chars"]
   with pytest.raises(UserError, match="field 'chars' must be a string, got missing"):
     CharTokenizer.from_dict(d)
-
-
-def test_room_after_prompt_counts_the_start_marker():
-  from minigpt_jax.prompts import room_after_prompt
-  assert room_after_prompt(0, 512) == 511  # an empty prompt is the marker alone
-  assert room_after_prompt(4, 128) == 123  # "def " + marker leave 123 of 128 slots
-  assert room_after_prompt(127, 128) == 0
