@@ -2,7 +2,7 @@
 Python), and the syntactic validity of samples.
 
   python -m minigpt_jax.evaluate --checkpoint checkpoints/small [--step N]
-      [--extra_corpus DIR ...] [--num_samples 64] [--max_new_tokens 600] [--json_out PATH]
+      [--extra_corpus DIR ...] [--num_samples 64] [--max_new_tokens N] [--json_out PATH]
 """
 
 
@@ -18,7 +18,7 @@ _EXTRA = flags.DEFINE_multi_string("extra_corpus", None,
                                    "Folder of .py files to score too; repeatable.")
 _NUM = flags.DEFINE_integer("num_samples", 64, "Samples for the syntax check; 0 = skip it.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Characters per sample (default: "
-                                "the run's sample.max_new_tokens: 600 small, 2000 full).")
+                                "the run's sample.max_new_tokens; configs/small.py: 600).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Windows per eval batch; 0 = the run's "
                               "train.batch_size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")

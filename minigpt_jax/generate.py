@@ -37,14 +37,18 @@ DECODE_UNROLL = 1
 KEEP_FRACTION = 0.5
 
 
-def window_keep(context_len: int) -> int:
-  """Tokens a full window keeps when it starts anew."""
-  return min(context_len - 1, max(1, round(context_len * KEEP_FRACTION)))
+def window_keep(context_len: int, keep: int | None = None) -> int:
+  """Tokens a full window keeps when it starts anew: `keep`, checked, or the default."""
+  if keep is None:
+    return max(1, min(context_len - 1, round(context_len * KEEP_FRACTION)))
+  if not 1 <= keep <= max(1, context_len - 1):  # a full window must shrink to grow again
+    raise ValueError(f"keep must be in [1, {max(1, context_len - 1)}], got {keep}")
+  return keep
 
 
 def window_len(n_B, context_len: int, keep: int, xp=np):
-  """How many of a row's last n tokens its model input holds (the window rule): all n up
-  to the context, then windows that restart at `keep` tokens and grow to the context."""
+  """Of a row's n tokens so far, how many (the most recent) the model sees: all of them
+  up to the context, then windows that restart at `keep` tokens and grow to the context."""
   over_B = n_B - context_len - 1
   return xp.where(over_B < 0, n_B, keep + over_B % (context_len - keep + 1))
 
@@ -68,7 +72,7 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
 
   `keep`: the window rule's (default `window_keep`); `decode_options`: `decode`'s.
   """
-  keep = keep or window_keep(cfg.context_len)
+  keep = window_keep(cfg.context_len, keep)
   if use_cache:
     chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens,
                          sampling=sampling, seed=seed, stop_at_eos=stop_at_eos, keep=keep,
@@ -96,19 +100,20 @@ def decode(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_token
            keep: int | None = None, chunk: int = 0, segment: int = DECODE_SEGMENT,
            unroll: int = DECODE_UNROLL, fill_context: bool = False) -> Iterator[np.ndarray]:
   """The one decode loop, for plain, streamed and interactive output. Yields each row's
-  new tokens [B, n] as they are made: token 0, then up to `chunk` at a time (0: a cache
-  segment at a time); all `max_new_tokens` in all, or fewer once every row has ended.
+  new tokens [B, n] as they are made: each pass's first token alone (from its prefill),
+  then up to `chunk` at a time (0: a cache segment at a time); all `max_new_tokens` in
+  all, or fewer once every row has ended (with `stop_at_eos`).
 
   The device decodes the next chunk while the host handles this one. `fill_context`:
   see `pad_prompts`.
   """
-  keep = keep or window_keep(cfg.context_len)
+  keep = window_keep(cfg.context_len, keep)
   params = compute_params(params, cfg)
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len, fill_context)
   chunks = _dispatch(params, cfg, tokens_BP, start_B, jax.random.key(seed), max_new_tokens,
                      sampling, stop_at_eos, keep, chunk, segment, unroll)
-  for new_BN, done_B in _one_ahead(chunks):
-    yield np.asarray(new_BN)  # waits for this chunk only: the next is already dispatched
+  for new_BC, done_B in _one_ahead(chunks):
+    yield np.asarray(new_BC)  # waits for this chunk only: the next is already dispatched
     if stop_at_eos and np.asarray(done_B).all():
       return
 
@@ -118,8 +123,8 @@ def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarr
               keep: int, chunk: int, segment: int, unroll: int):
   """Dispatches `decode`'s work; yields (tokens on the device [B, n], done [B]) per chunk.
 
-  Each pass prefills the rows' windows and decodes until the first row's window is full;
-  the next pass restarts the windows by the window rule from the tokens so far.
+  Each pass prefills the rows' windows and decodes until the fullest row's window holds
+  the whole context; the next pass lays out every row's window anew by the window rule.
   """
   done_B, t = jnp.zeros(len(start_B), bool), 0
   rows = [r[s:] for r, s in zip(tokens_BP, start_B)]  # each row's tokens so far
@@ -131,23 +136,29 @@ def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarr
     made = [tok_B[:, None]]
     yield made[-1], done_B
     # Model calls until the fullest window holds the whole context (or the sample ends).
-    calls = min(steps - t - 1, cfg.context_len - lens_B.max())
+    calls = int(min(steps - t - 1, cfg.context_len - lens_B.max()))
     t += 1
     for slots, n_calls in decode_segments(cache.slots, calls, segment):
       cache = cache.grow(slots)
-      for n in [chunk] * (n_calls // chunk) + [n_calls % chunk] if chunk else [n_calls]:
-        if n:
-          cache, tok_B, done_B, new_BN = decode_scan(params, cfg, cache, tok_B, done_B, key,
-                                                     t, n, sampling, stop_at_eos, unroll)
-          made.append(new_BN)
-          yield new_BN, done_B
-          t += n
+      for n in _chunk_sizes(n_calls, chunk):
+        cache, tok_B, done_B, new_BC = decode_scan(params, cfg, cache, tok_B, done_B, key, t,
+                                                   n, sampling, stop_at_eos, unroll)
+        made.append(new_BC)
+        yield new_BC, done_B
+        t += n
     if t == steps:
       return
-    new_BN = np.asarray(jnp.concatenate(made, axis=1))
-    rows = [np.concatenate([r, new]) for r, new in zip(rows, new_BN)]
+    pass_BG = np.asarray(jnp.concatenate(made, axis=1))
+    rows = [np.concatenate([r, new]) for r, new in zip(rows, pass_BG)]
     lens_B = window_len(np.array([len(r) for r in rows]), cfg.context_len, keep)
     tokens_BP, start_B = left_pad([r[len(r) - n:] for r, n in zip(rows, lens_B)], lens_B.max())
+
+
+def _chunk_sizes(calls: int, chunk: int) -> list[int]:
+  """`calls` model calls as scans of `chunk` (0: one scan), the remainder last."""
+  if not chunk:
+    return [calls]
+  return [chunk] * (calls // chunk) + [calls % chunk] * (calls % chunk > 0)
 
 
 def _one_ahead(items):
@@ -207,9 +218,9 @@ def decode_scan(params, cfg: ModelConfig, cache: KVCache, tok_B: jax.Array, done
     tok_B, done_B = next_token(key, t, logits_B1V[:, 0], done_B, sampling, stop_at_eos)
     return (cache, tok_B, done_B), tok_B
 
-  (cache, tok_B, done_B), tokens_NB = jax.lax.scan(step, (cache, tok_B, done_B),
+  (cache, tok_B, done_B), tokens_CB = jax.lax.scan(step, (cache, tok_B, done_B),
                                                    t + jnp.arange(steps), unroll=unroll)
-  return cache, tok_B, done_B, tokens_NB.T
+  return cache, tok_B, done_B, tokens_CB.T
 
 
 # --- the uncached reference ----------------------------------------------------------------------

@@ -3,7 +3,7 @@ pre-norm block -> model.
 
 Shape key, one meaning per letter across the package: B batch, T time (query slots),
 W window (T + 1: inputs plus the last target), S cache slots, P prompt slots,
-G generated tokens per row, C tokens of a streamed chunk, N tokens of a corpus split,
+G generated tokens per row, C tokens of a decoded chunk, N tokens of a corpus split,
 D model width, H heads, K head width, F FFN width, V vocabulary, L layers.
 
 One definition serves training, prefill and decode. A batch row may start with

@@ -124,8 +124,14 @@ def sample_validity(params, cfg, tok, prompts: list[str], *, max_new_tokens: int
   top-level line. Returns `validity`'s dict plus "samples": [{"text",
   "kept_chars", "ended_at_eos"}].
   """
-  new_BG = generate.generate_tokens(params, cfg, [tok.encode(p) for p in prompts],
-                                    max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+  # One batch per distinct prompt: rows of other lengths would restart their windows at
+  # other steps, each restart a prefill of every row (the text of a row is the same).
+  new_BG = np.zeros((len(prompts), max_new_tokens), np.int32)
+  for prompt in dict.fromkeys(prompts):
+    rows = [i for i, p in enumerate(prompts) if p == prompt]
+    new_BG[rows] = generate.generate_tokens(params, cfg, [tok.encode(prompt)] * len(rows),
+                                            max_new_tokens=max_new_tokens, sampling=sampling,
+                                            seed=seed)
   texts = [p + tok.decode(row, stop_at_eos=True) for p, row in zip(prompts, new_BG)]
   truncated = [not (row == EOS_ID).any() for row in new_BG]
   result = syntax.validity(texts, truncated)

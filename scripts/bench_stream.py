@@ -1,11 +1,12 @@
-"""Streaming cost: tokens/s of generate_tokens vs stream_tokens on the small model shape
-(random weights, 120 new tokens, the default sampling), alternating A B A B.
+"""Streaming cost: tokens/s of the decode a segment at a time (plain) vs 16 tokens at a time
+(--stream) on the small model shape (random weights, 120 new tokens, within the context,
+the default sampling), alternating A B A B.
 
   JAX_PLATFORMS=cpu python scripts/bench_stream.py
 """
 import time, jax, numpy as np
 from configs import small
-from minigpt_jax import generate, streaming
+from minigpt_jax import generate, interactive
 from minigpt_jax.model import ModelConfig, init_params
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -14,11 +15,12 @@ cfg = ModelConfig.from_section(dict(c.model, compute_dtype="float32", attention_
 params = init_params(cfg, jax.random.key(0))
 sampling = generate.SamplingConfig(temperature=c.sample.temperature, top_k=c.sample.top_k,
                                    top_p=c.sample.top_p)  # the default sampling
-G, REPS, RUNS = c.sample.max_new_tokens, 5, 5
+G, REPS, RUNS = 120, 5, 5
 prompt = [CharTokenizer().encode("def ")]
 kw = dict(max_new_tokens=G, sampling=sampling, seed=0, stop_at_eos=False)
 plain = lambda: generate.generate_tokens(params, cfg, prompt, **kw)
-stream = lambda: np.concatenate(list(streaming.stream_tokens(params, cfg, prompt, **kw)), 1)
+stream = lambda: np.concatenate(list(generate.decode(params, cfg, prompt,
+                                                     chunk=interactive.STREAM_CHUNK, **kw)), 1)
 assert (plain() == stream()).all()  # also compiles both
 rates = {"plain": [], "stream": []}
 for _ in range(REPS):

@@ -37,7 +37,8 @@ params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 cache = jax.eval_shape(lambda: KVCache.init(cfg, 8, 16))
 tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
 print("prefill", fingerprint(generate.prefill.lower(params, cfg, tokens, cache)))
-logits = jax.ShapeDtypeStruct((8, cfg.vocab_size), jnp.float32)
 sampling = generate.SamplingConfig(temperature=c.sample.temperature, top_p=c.sample.top_p)
-print("decode", fingerprint(generate.decode.lower(params, cfg, cache, logits, jax.random.key(0),
-                                                  100, sampling)))
+cache = jax.eval_shape(lambda: KVCache.init(cfg, 8, 128))
+tok_B, done_B = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((8,), bool)
+print("decode_scan", fingerprint(generate.decode_scan.lower(
+    params, cfg, cache, tok_B, done_B, jax.random.key(0), 16, 100, sampling, True)))

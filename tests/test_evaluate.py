@@ -117,6 +117,14 @@ def test_validity_counts():
     syntax.validity(samples, truncated=[True])
 
 
+def test_whole_def_and_class_blocks_are_counted_in_the_kept_text():
+  text = "class A:\n    def f(self):\n        pass\n\nasync def g():\n    pass\nx = 1\ndef h("
+  assert syntax.count_blocks(syntax.cut_to_complete(text)) == 3  # h( is cut off: not counted
+  assert syntax.count_blocks("") == 0
+  r = syntax.validity([text, "x = 1\n", "def ("], truncated=[False, False, False])
+  assert (r["blocks"], r["samples_with_blocks"]) == (3, 1)
+
+
 # --- on a trained checkpoint --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -48,14 +48,13 @@ def _sample_with_stdin(*args, stdin_text: str):
 @pytest.mark.parametrize("sampling,stop_at_eos,segment,chunk", [
     (GREEDY, True, 8, 3), (SAMPLED, False, 8, 3), (GREEDY, False, 0, 16), (SAMPLED, True, 128, 5),
 ], ids=["greedy-stop-seg8", "sampled-nostop-seg8", "greedy-nostop-oneseg", "sampled-stop"])
-def test_stream_tokens_equal_generate_tokens(sampling, stop_at_eos, segment, chunk):
+def test_chunked_decode_equals_generate_tokens(sampling, stop_at_eos, segment, chunk):
   """Chunk by chunk, the same tokens as the one-call decode (cache growth included)."""
   prompts = _prompts(1, 7, 20)
   common = dict(max_new_tokens=20, sampling=sampling, seed=3, stop_at_eos=stop_at_eos)
   want_BG = generate.generate_tokens(PARAMS, CFG, prompts, segment=segment, **common)
   assert sampling.greedy or (want_BG == EOS_ID).any(axis=1).all()  # seed 3: every row ends
-  chunks = list(generate.decode(PARAMS, CFG, prompts, segment=segment, chunk=chunk,
-                                       **common))
+  chunks = list(generate.decode(PARAMS, CFG, prompts, segment=segment, chunk=chunk, **common))
   got_BG = np.concatenate(chunks, axis=1)
   assert all(c.shape[1] <= chunk for c in chunks[1:])
   np.testing.assert_array_equal(got_BG, want_BG[:, :got_BG.shape[1]])
@@ -69,11 +68,12 @@ def test_streamed_long_samples_equal_plain_ones():
   params = init_params(cfg, jax.random.key(2))
   common = dict(max_new_tokens=90, sampling=SAMPLED, seed=4, stop_at_eos=False)
   want_BG = generate.generate_tokens(params, cfg, _prompts(2, 9), **common)
-  got_BG = np.concatenate(list(generate.decode(params, cfg, _prompts(2, 9), chunk=5, **common)), 1)
-  np.testing.assert_array_equal(got_BG, want_BG)
+  chunks = list(generate.decode(params, cfg, _prompts(2, 9), chunk=5, **common))
+  np.testing.assert_array_equal(np.concatenate(chunks, 1), want_BG)
+  assert max(c.shape[1] for c in chunks) == 5
 
 
-def test_stream_tokens_stop_once_every_row_has_ended():
+def test_chunked_decode_stops_once_every_row_has_ended():
   # A model that always predicts <eos> (final features all ones, which only <eos> reads):
   # every row ends at token 0.
   ones_D = np.ones(CFG.d_model, np.float32)
@@ -81,7 +81,7 @@ def test_stream_tokens_stop_once_every_row_has_ended():
                 lm_head={"kernel": np.zeros((CFG.d_model, CFG.vocab_size), np.float32)})
   params["lm_head"]["kernel"][:, EOS_ID] = 1
   chunks = list(generate.decode(params, CFG, _prompts(3, 4), max_new_tokens=40,
-                                       sampling=GREEDY, chunk=4))
+                                sampling=GREEDY, chunk=4))
   assert chunks[0].tolist() == [[EOS_ID], [EOS_ID]]
   assert len(chunks) <= 2, "decoding should stop once every row has ended"
 
@@ -92,7 +92,7 @@ def test_stream_yields_before_decoding_ends(monkeypatch):
   real = generate.decode_scan
   monkeypatch.setattr(generate, "decode_scan", lambda *a, **k: calls.append(1) or real(*a, **k))
   stream = generate.decode(PARAMS, CFG, _prompts(4), max_new_tokens=40, sampling=GREEDY,
-                                  stop_at_eos=False, chunk=4)
+                           stop_at_eos=False, chunk=4)
   next(stream)
   next(stream)
   assert len(calls) <= 2  # one chunk being printed, at most one more dispatched
