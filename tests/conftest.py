@@ -1,8 +1,13 @@
 """Shared fixtures: a synthetic Python corpus and a tiny config pointing at it."""
 
+import os
 import pathlib
 
 import pytest
+
+# The tests run in two worker processes: on a GPU, JAX's default of taking 75% of its
+# memory at start would leave the second worker none.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from helpers import tiny_config_in, write_corpus
 
