@@ -221,10 +221,11 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
                        "results": rows}
     plan = decode_plan(decode_batches, decode_tokens, uncached_tokens, skip_uncached)
     hardware.fit_host_memory_to(0)  # decode with freed memory kept, as `sample` does
-    rows = decode_rows(config, cfg, plan, repeats, decode_segment, decode_unroll, log)
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    rows = decode_rows(params, cfg, plan, repeats, decode_segment, decode_unroll, config.seed,
+                       log)
     long_rows = []
     if long_tokens:
-      params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
       for b in decode_batches:
         log(f"decode: cached, batch {b}, {long_tokens} tokens, alternated with "
             f"{cfg.context_len - 1} ...")
@@ -237,15 +238,14 @@ def run(config, *, batch_sizes: Optional[list[int]] = None, decode_batches=(1, 8
   return result
 
 
-def decode_rows(config, cfg: ModelConfig, plan, repeats: int, segment: int, unroll: int,
-                log) -> list[dict]:
-  """One `bench_decode` row per (cached, batch, new tokens) of `plan`, on random weights."""
-  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+def decode_rows(params, cfg: ModelConfig, plan, repeats: int, segment: int, unroll: int,
+                seed: int, log) -> list[dict]:
+  """One `bench_decode` row per (cached, batch, new tokens) of `plan` (random weights)."""
   rows = []
   for cached, b, n in plan:
     log(f"decode: {'cached' if cached else 'uncached'}, batch {b}, {n} tokens ...")
     rows.append(bench_decode(params, cfg, batch=b, new_tokens=n, cached=cached, repeats=repeats,
-                             seed=config.seed, segment=segment, unroll=unroll))
+                             seed=seed, segment=segment, unroll=unroll))
   return rows
 
 
