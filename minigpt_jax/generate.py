@@ -1,7 +1,7 @@
 """Generation, top to bottom: pad the prompts, prefill a KV cache with them, decode with
 `lax.scan`s a chunk at a time, picking each token from the logits on the device; a sample
-longer than the context goes on from its most recent characters. Plus the uncached
-reference the cache is tested against.
+longer than the context goes on from its most recent characters. (`reference.py` holds
+the uncached decode the cache is tested against.)
 
 The window rule, which both paths follow: a row's model input is all of its tokens (start
 marker, prompt, new tokens) while they fit the context. The token that would overflow it
@@ -39,8 +39,7 @@ KEEP_FRACTION = 0.5
 
 def window_keep(context_len: int, keep: int | None = None) -> int:
   """Tokens a full window keeps when it starts anew: `keep`, checked, or the default."""
-  if keep is None:
-    return max(1, min(context_len - 1, round(context_len * KEEP_FRACTION)))
+  keep = max(1, round(context_len * KEEP_FRACTION)) if keep is None else keep
   if not 1 <= keep <= max(1, context_len - 1):  # a full window must shrink to grow again
     raise ValueError(f"keep must be in [1, {max(1, context_len - 1)}], got {keep}")
   return keep
@@ -72,18 +71,15 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
 
   `keep`: the window rule's (default `window_keep`); `decode_options`: `decode`'s.
   """
-  keep = window_keep(cfg.context_len, keep)
-  if use_cache:
-    chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens,
-                         sampling=sampling, seed=seed, stop_at_eos=stop_at_eos, keep=keep,
-                         **decode_options))
-    new_BG = np.concatenate(chunks, axis=1)  # shorter if every row ended early
-    return np.pad(new_BG, [(0, 0), (0, max_new_tokens - new_BG.shape[1])],
-                  constant_values=PAD_ID)
-  tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len)
-  return np.asarray(generate_uncached(
-      compute_params(params, cfg), cfg, jnp.asarray(tokens_BP), jnp.asarray(start_B),
-      jax.random.key(seed), max_new_tokens, keep, sampling, stop_at_eos))
+  if not use_cache:
+    from minigpt_jax import reference  # which imports this module
+    return reference.generate_tokens(params, cfg, prompts, max_new_tokens=max_new_tokens,
+                                     sampling=sampling, seed=seed, stop_at_eos=stop_at_eos,
+                                     keep=keep)
+  chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                       seed=seed, stop_at_eos=stop_at_eos, keep=keep, **decode_options))
+  new_BG = np.concatenate(chunks, axis=1)  # shorter if every row ended early
+  return np.pad(new_BG, [(0, 0), (0, max_new_tokens - new_BG.shape[1])], constant_values=PAD_ID)
 
 
 def compute_params(params, cfg: ModelConfig):
@@ -131,34 +127,25 @@ def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarr
   lens_B = np.array([len(r) for r in rows])  # of which the window holds the last lens_B
   while True:
     cache = KVCache.init(cfg, *tokens_BP.shape, start_B)
-    logits_BV, cache = prefill(params, cfg, jnp.asarray(tokens_BP), cache)
-    tok_B, done_B = first_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
+    cache, tok_B, done_B = prefill(params, cfg, jnp.asarray(tokens_BP), cache, key, t, done_B,
+                                   sampling, stop_at_eos)
     made = [tok_B[:, None]]
     yield made[-1], done_B
     # Model calls until the fullest window holds the whole context (or the sample ends).
     calls = int(min(steps - t - 1, cfg.context_len - lens_B.max()))
     t += 1
-    for slots, n_calls in decode_segments(cache.slots, calls, segment):
-      cache = cache.grow(slots)
-      for n in _chunk_sizes(n_calls, chunk):
-        cache, tok_B, done_B, new_BC = decode_scan(params, cfg, cache, tok_B, done_B, key, t,
-                                                   n, sampling, stop_at_eos, unroll)
-        made.append(new_BC)
-        yield new_BC, done_B
-        t += n
+    for slots, n in decode_plan(cache.slots, calls, segment, chunk):
+      cache, tok_B, done_B, new_BC = decode_scan(params, cfg, cache.grow(slots), tok_B, done_B,
+                                                 key, t, n, sampling, stop_at_eos, unroll)
+      made.append(new_BC)
+      yield new_BC, done_B
+      t += n
     if t == steps:
       return
     pass_BG = np.asarray(jnp.concatenate(made, axis=1))
     rows = [np.concatenate([r, new]) for r, new in zip(rows, pass_BG)]
     lens_B = window_len(np.array([len(r) for r in rows]), cfg.context_len, keep)
     tokens_BP, start_B = left_pad([r[len(r) - n:] for r, n in zip(rows, lens_B)], lens_B.max())
-
-
-def _chunk_sizes(calls: int, chunk: int) -> list[int]:
-  """`calls` model calls as scans of `chunk` (0: one scan), the remainder last."""
-  if not chunk:
-    return [calls]
-  return [chunk] * (calls // chunk) + [calls % chunk] * (calls % chunk > 0)
 
 
 def _one_ahead(items):
@@ -171,32 +158,33 @@ def _one_ahead(items):
   yield from held
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache):
-  """Runs the prompts through the model once. Returns (last logits [B, V], filled cache)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "stop_at_eos"),
+                   donate_argnames=("cache",))
+def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache, key: jax.Array, t,
+            done_B: jax.Array, sampling: SamplingConfig, stop_at_eos: bool):
+  """Runs the prompts through the model once and picks token t from the last logits.
+  Returns (filled cache, tokens [B], done [B])."""
   logits_BPV, cache = MiniGPT(cfg).apply({"params": params}, tokens_BP, cache=cache)
-  return logits_BPV[:, -1], cache
+  return cache, *next_token(key, t, logits_BPV[:, -1], done_B, sampling, stop_at_eos)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling", "stop_at_eos"))
-def first_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
-                sampling: SamplingConfig, stop_at_eos: bool):
-  """Token t of each row, picked from a prefill's last logits."""
-  return next_token(key, t, logits_BV, done_B, sampling, stop_at_eos)
+def decode_plan(slots: int, calls: int, segment: int, chunk: int = 0) -> list[tuple[int, int]]:
+  """The decode loop's scans, as (cache slots, model calls); model call i writes slot
+  `slots + i`.
 
-
-def decode_segments(slots: int, calls: int, segment: int) -> list[tuple[int, int]]:
-  """The decode loop's plan: one `lax.scan` per segment, as (cache slots, model calls).
-
-  Model call i writes slot `slots + i`. Each scan first grows the cache to the next
-  multiple of `segment` (the last scan to exactly what it needs), so early calls attend
-  over a short cache rather than the whole context. `segment` <= 0: one scan.
+  The cache grows to the next multiple of `segment` at a time (the last time to exactly
+  what it needs), so early calls attend over a short cache rather than the whole context;
+  `segment` <= 0: one size. Each size's calls run as scans of `chunk` (0: one scan), the
+  remainder last.
   """
   end = slots + calls
-  caps = [end]
-  if segment > 0:
-    caps = [*range((slots // segment + 1) * segment, end, segment), end]
-  return [(cap, cap - prev) for prev, cap in zip([slots, *caps], caps)] if calls else []
+  caps = [*range((slots // segment + 1) * segment, end, segment), end] if segment > 0 else [end]
+  plan = []
+  for prev, cap in zip([slots, *caps], caps):
+    n = cap - prev
+    sizes = [chunk] * (n // chunk) + [n % chunk] * (n % chunk > 0) if chunk else [n]
+    plan += [(cap, size) for size in sizes]
+  return plan if calls else []
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "sampling", "stop_at_eos",
@@ -222,34 +210,6 @@ def decode_scan(params, cfg: ModelConfig, cache: KVCache, tok_B: jax.Array, done
                                                    t + jnp.arange(steps), unroll=unroll)
   return cache, tok_B, done_B, tokens_CB.T
 
-
-# --- the uncached reference ----------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "keep", "sampling", "stop_at_eos"))
-def generate_uncached(params, cfg: ModelConfig, tokens_BP: jax.Array, start_B: jax.Array,
-                      key: jax.Array, steps: int, keep: int, sampling: SamplingConfig,
-                      stop_at_eos: bool = True):
-  """Reference decode: at every step, the full forward pass over each row's window (the
-  window rule), right-aligned in `context_len` slots. Returns tokens [B, steps]."""
-  model, C = MiniGPT(cfg), cfg.context_len
-  B, P = tokens_BP.shape
-  # Every row's tokens, after C slots of padding: the C slots before a row's next token
-  # start at slot P + t.
-  buffer_BS = jnp.concatenate([jnp.full((B, C), PAD_ID, jnp.int32), tokens_BP,
-                               jnp.zeros((B, steps), jnp.int32)], axis=1)
-
-  def step(carry, t):
-    buffer_BS, done_B = carry
-    window_BC = jax.lax.dynamic_slice_in_dim(buffer_BS, P + t, C, axis=1)
-    lens_B = window_len(P - start_B + t, C, keep, jnp)
-    logits_BCV, _ = model.apply({"params": params}, window_BC, start_B=C - lens_B)
-    tok_B, done_B = next_token(key, t, logits_BCV[:, -1], done_B, sampling, stop_at_eos)
-    buffer_BS = jax.lax.dynamic_update_slice(buffer_BS, tok_B[:, None], (0, C + P + t))
-    return (buffer_BS, done_B), tok_B
-
-  done_B = jnp.zeros((B,), bool)
-  _, tokens_GB = jax.lax.scan(step, (buffer_BS, done_B), jnp.arange(steps))
-  return tokens_GB.T
 
 # --- picking tokens ------------------------------------------------------------------------------
 

@@ -133,6 +133,8 @@ class KVCache:
     """The same cache with `slots` slots; the new ones are empty (zeros)."""
     if slots < self.slots:
       raise ValueError(f"KVCache.grow: {slots} slots is fewer than the {self.slots} held")
+    if slots == self.slots:
+      return self
     pad = lambda c_BHSK: jnp.pad(c_BHSK, [(0, 0), (0, 0), (0, slots - self.slots), (0, 0)])
     return self.replace(k_BHSK=tuple(map(pad, self.k_BHSK)), v_BHSK=tuple(map(pad, self.v_BHSK)))
 

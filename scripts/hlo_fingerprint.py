@@ -36,8 +36,10 @@ print("train_step", fingerprint(step.lower(abstract, corpus)))
 params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 cache = jax.eval_shape(lambda: KVCache.init(cfg, 8, 16))
 tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32)
-print("prefill", fingerprint(generate.prefill.lower(params, cfg, tokens, cache)))
 sampling = generate.SamplingConfig(temperature=c.sample.temperature, top_p=c.sample.top_p)
+done_B = jax.ShapeDtypeStruct((8,), bool)
+print("prefill", fingerprint(generate.prefill.lower(
+    params, cfg, tokens, cache, jax.random.key(0), 0, done_B, sampling, True)))
 cache = jax.eval_shape(lambda: KVCache.init(cfg, 8, 128))
 tok_B, done_B = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((8,), bool)
 print("decode_scan", fingerprint(generate.decode_scan.lower(

@@ -68,25 +68,32 @@ def test_greedy_cached_and_uncached_sequences_identical():
 
 @pytest.mark.parametrize("slots, forwards, segment", [(1, 510, 128), (16, 47, 8), (32, 31, 16),
                                                      (5, 3, 128), (16, 47, 0), (7, 0, 8)])
-def test_decode_segments_cover_every_call_in_growing_caches(slots, forwards, segment):
-  plan = generate.decode_segments(slots, forwards, segment)
+@pytest.mark.parametrize("chunk", [0, 3, 16])
+def test_decode_plan_covers_every_call_in_growing_caches(slots, forwards, segment, chunk):
+  plan = generate.decode_plan(slots, forwards, segment, chunk)
   assert sum(calls for _, calls in plan) == forwards
-  write = slots
-  for i, (cap, calls) in enumerate(plan):
-    assert calls >= 1 and cap == write + calls  # the segment's calls fill its new slots
-    if segment > 0:
-      assert cap - write <= segment
-      assert cap % segment == 0 or i == len(plan) - 1
-    write = cap
-  assert write == slots + forwards  # the last call's slot is the last one allocated
+  write, caps = slots, []
+  for cap, calls in plan:
+    assert calls >= 1 and write + calls <= cap  # every call writes a slot the cache has
+    assert chunk == 0 or calls <= chunk
+    write += calls
+    caps.append(cap)
+    if cap != write:  # a cache size is left only once its slots are all written
+      assert plan[len(caps)][0] == cap
+  assert write == slots + forwards and caps == sorted(caps)  # the last slot is the last one made
+  if segment > 0:
+    sizes = sorted(set(caps))
+    assert all(cap % segment == 0 for cap in sizes[:-1])
+    assert all(b - a <= segment for a, b in zip([slots, *sizes], sizes))
 
 
-def test_decode_segments_by_hand():
+def test_decode_plan_by_hand():
   # Empty prompt (1 slot), 511 new tokens -> 510 model calls.
-  assert generate.decode_segments(1, 510, 128) == [(128, 127), (256, 128), (384, 128),
+  assert generate.decode_plan(1, 510, 128) == [(128, 127), (256, 128), (384, 128),
                                                    (511, 127)]
-  assert generate.decode_segments(1, 510, 0) == [(511, 510)]
-  assert generate.decode_segments(16, 20, 128) == [(36, 20)]
+  assert generate.decode_plan(1, 510, 0) == [(511, 510)]
+  assert generate.decode_plan(16, 20, 128) == [(36, 20)]
+  assert generate.decode_plan(16, 20, 8, 5) == [(24, 5), (24, 3), (32, 5), (32, 3), (36, 4)]
 
 
 @pytest.mark.parametrize("segment", [0, 4, 16])
@@ -137,9 +144,9 @@ def test_decode_scan_writes_one_slot_per_call():
   tokens_BP, start_B = prompts.pad_prompts([_random_prompt(3, 1)], 20, CFG.context_len)
   P = tokens_BP.shape[1]
   cache = KVCache.init(CFG, 1, P, start_B)
-  logits_BV, cache = generate.prefill(PARAMS, CFG, jnp.asarray(tokens_BP), cache)
+  cache, tok_B, _ = generate.prefill(PARAMS, CFG, jnp.asarray(tokens_BP), cache,
+                                    jax.random.key(0), 0, jnp.zeros(1, bool), GREEDY, False)
   assert cache.slots == P and int(cache.index) == P
-  tok_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
   cache, _, _, new_BC = generate.decode_scan(PARAMS, CFG, cache.grow(P + 19), tok_B,
                                              jnp.zeros(1, bool), jax.random.key(0), 1, 19,
                                              GREEDY, False)
@@ -217,8 +224,8 @@ def test_a_window_restart_sees_only_the_kept_tokens():
   """Right after a restart the model is fed the last `keep` tokens alone."""
   calls = []
   real = generate.prefill
-  spy = lambda params, cfg, tokens_BP, cache: calls.append(np.asarray(tokens_BP)) or real(
-      params, cfg, tokens_BP, cache)
+  spy = lambda params, cfg, tokens_BP, *args: calls.append(np.asarray(tokens_BP)) or real(
+      params, cfg, tokens_BP, *args)
   with pytest.MonkeyPatch.context() as m:
     m.setattr(generate, "prefill", spy)
     new = generate.generate_tokens(SHORT_PARAMS, SHORT, [_random_prompt(3, 9)],

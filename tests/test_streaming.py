@@ -129,7 +129,7 @@ def test_streamed_generation_compiles_once_per_cache_size_and_chunk_length(caplo
     run()
     second = _compiles(caplog)
   # prompt bucket 16: caches of 32, 48, 55 slots; 16 + 16 + 7 calls: chunks of 4, and one of 3
-  assert generate.decode_segments(16, 39, 16) == [(32, 16), (48, 16), (55, 7)]
+  assert generate.decode_plan(16, 39, 16, 4) == [(32, 4)] * 4 + [(48, 4)] * 4 + [(55, 4), (55, 3)]
   assert first.count("Compiling jit(decode_scan)") == 4, first
   assert second == [], second
 
