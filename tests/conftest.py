@@ -2,12 +2,26 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 # The tests run in two worker processes: on a GPU, JAX's default of taking 75% of its
 # memory at start would leave the second worker none.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# One compilation cache on disk for the whole run: the workers and the commands the tests
+# start in fresh processes (which inherit the environment) compile the tiny config's
+# programs once instead of once per process. Set here, in the first process, before the
+# workers start and before JAX is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="minigpt-jax-cache-")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+  if "_CACHE" in globals() and not hasattr(config, "workerinput"):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 from helpers import tiny_config_in, write_corpus
 
