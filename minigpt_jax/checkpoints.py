@@ -3,6 +3,10 @@
     <run>/ckpt/<step>/          items "params", "opt_state" and "meta"
     <run>/ckpt/<step>.damaged/  a damaged checkpoint, set aside (never deleted)
 
+The "meta" item (JSON) records the step, the train split's sha256 and a CRC-32 of every
+saved array ("checksums"); a restore recomputes them, so flipped bytes make a step damaged
+rather than a model of NaNs. Checkpoints saved before checksums were recorded still load.
+
 Training saves with `manager`; everything else reads with `reader`. A reader picks the
 newest step it can restore, retrying when training's retention removes one meanwhile.
 """
@@ -17,11 +21,13 @@ import re
 import shutil
 import sys
 import warnings
+import zlib
 from typing import Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from minigpt_jax.errors import UserError, first_line
 
@@ -48,7 +54,9 @@ class _Unrestorable(UserError):
 def manager(run_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
   """The manager training saves with: it keeps the last `keep` checkpoints. Call it only
   while holding the run's lock: it removes what killed saves left half-written."""
+  _quiet_orbax_metadata_warnings()
   remove_stale_tmp(run_dir)
+  set_aside_non_folders(run_dir)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
   return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
 
@@ -65,9 +73,46 @@ def remove_stale_tmp(run_dir: pathlib.Path) -> None:
       p.unlink(missing_ok=True)
 
 
+def set_aside_non_folders(run_dir: pathlib.Path) -> None:
+  """Sets aside a ckpt/<step> that is not a folder (a plain file, a symlink loop or to
+  nothing): Orbax lists no step there, so a save of that step would delete it silently,
+  or fail on it with tracebacks and leave its temporary folder behind. Training's alone."""
+  ckpt = pathlib.Path(run_dir) / "ckpt"
+  if jax.process_index() != 0 or not ckpt.is_dir():
+    return
+  for p in sorted(ckpt.iterdir()):
+    if not p.name.isdigit() or p.is_dir():  # is_dir follows a link; False for a loop
+      continue
+    try:
+      os.stat(p)
+      what = "is not a folder"
+    except OSError as e:  # ELOOP, ENOENT for a symlink to nothing
+      what = f"is a symlink that cannot be followed ({e.strerror or e})"
+    _set_aside(run_dir, int(p.name), f"checkpoint step {p.name} in {ckpt} {what}",
+               holding_lock=True)
+
+
+_quieted = False
+
+
+def _quiet_orbax_metadata_warnings() -> None:
+  """Drops Orbax's "Metadata file does not exist" lines, repeated at every listing and
+  restore of a step without its _CHECKPOINT_METADATA (an empty, unreadable or part-deleted
+  step folder, named so even when the cause is a permission): `_check_step_folder` says
+  once, with the true cause, what is wrong with a step tried."""
+  global _quieted
+  if _quieted:
+    return
+  _quieted = True
+  said = ("Metadata file does not exist", "Failed to read Metadata file")
+  logging.getLogger("absl").addFilter(
+      lambda r: "/orbax/" not in r.pathname or not str(r.msg).startswith(said))
+
+
 def reader(run_dir: pathlib.Path) -> ocp.CheckpointManager:
   """A manager that only reads (not Orbax's read_only option, which warns on every use);
   use it in a `with` block, which closes it."""
+  _quiet_orbax_metadata_warnings()
   options = ocp.CheckpointManagerOptions(create=False)
   for _ in range(5):
     try:
@@ -83,16 +128,95 @@ def list_steps(run_dir: pathlib.Path) -> list[int]:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict) -> None:
+  """Saves step `step`, with `meta` and the checksums of `params` and `opt_state` (taken
+  now, before the save goes on in the background) as its "meta" item."""
+  meta = {**meta, "checksums": {"params": checksums(params), "opt_state": checksums(opt_state)}}
   mngr.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
       meta=ocp.args.JsonSave(meta)), force=True)
 
 
+def _leaf_name(path) -> str:
+  """"opt_state"-style paths as "0/mu/block_0/ffn/up/kernel": the same whether the tree is
+  the live one (tuples, named tuples) or Orbax's reading of it without a target (dicts)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def checksums(tree) -> dict[str, int]:
+  """The CRC-32 of each array's bytes in `tree`, by leaf name. An array split across
+  processes is gathered whole first (every process must call this)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  whole = [multihost_utils.process_allgather(x, tiled=True)
+           if isinstance(x, jax.Array) and not x.is_fully_addressable else x for _, x in leaves]
+  return {_leaf_name(path): zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+          for (path, _), x in zip(leaves, jax.device_get(whole))}
+
+
+def _check_integrity(got: dict, where: str) -> None:
+  """Raises _Damaged unless the arrays of `got` (restored items, with "meta") have the
+  checksums recorded when they were saved. A checkpoint without them passes."""
+  meta = got["meta"]
+  if not isinstance(meta, dict):
+    raise _Damaged(f"{where} (its metadata is not a JSON object)")
+  if "checksums" not in meta:  # saved before checksums were recorded
+    return
+  recorded = meta["checksums"]
+  for item, tree in got.items():
+    if item == "meta":
+      continue
+    want = recorded.get(item) if isinstance(recorded, dict) else None
+    if not isinstance(want, dict):
+      raise _Damaged(f"{where} (its metadata records no checksums of {item})")
+    have = checksums(tree)
+    bad = [name for name, crc in have.items() if want.get(name) != crc]
+    if bad:
+      raise _Damaged(f"{where} ({item}/{bad[0]}: not the bytes that were saved (checksum); "
+                     f"{len(bad)} of {len(have)} arrays differ)")
+
+
+_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax's record of a step's save
+_warned_no_record = set()
+
+
+def _check_step_folder(step_dir: pathlib.Path, where: str) -> bool:
+  """Raises _Damaged, with the cause, for a step folder Orbax could not read (unreadable,
+  empty), and _Gone for one removed. Returns whether it holds Orbax's record of the save."""
+  try:
+    names = os.listdir(step_dir)
+  except FileNotFoundError:
+    raise _Gone(f"checkpoint {step_dir} was removed while it was being read")
+  except OSError as e:
+    raise _Damaged(f"{where} (it cannot be read: {e.strerror or e})")
+  if not names:
+    raise _Damaged(f"{where} (its folder is empty)")
+  return _CHECKPOINT_METADATA in names
+
+
+def _read_without_record(step_dir: pathlib.Path) -> None:
+  """Says once that a step without Orbax's record of the save was read all the same."""
+  if step_dir not in _warned_no_record:
+    _warned_no_record.add(step_dir)
+    logging.warning("checkpoint %s has no %s (Orbax's record of the save); its items read "
+                    "back as saved, so it is used", step_dir, _CHECKPOINT_METADATA)
+
+
+def _damaged_where(directory, step: int) -> str:
+  return f"cannot restore checkpoint step {step} in {directory}: it is damaged"
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract: dict) -> dict:
   """Restores the items named in `abstract` ({"params": tree, ...} of ShapeDtypeStructs
-  carrying the target shardings, so a run saved on one mesh loads onto another)."""
+  carrying the target shardings, so a run saved on one mesh loads onto another), and the
+  "meta" item; raises _Damaged if the arrays are not the bytes that were saved."""
+  where, step_dir = _damaged_where(mngr.directory, step), pathlib.Path(mngr.directory) / str(step)
+  recorded = _check_step_folder(step_dir, where)
   args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
-  return _restore(mngr, step, ocp.args.Composite(**args))
+  got = _restore(mngr, step, ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+  _check_integrity(got, where)
+  if not recorded:
+    _read_without_record(step_dir)
+  return got
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> dict:
@@ -154,12 +278,14 @@ def _silence_abandoned_reads() -> None:
 
 
 def _read_whole(run_dir: pathlib.Path, step: int, items: tuple[str, ...]) -> dict:
-  """Reads `items` of checkpoint `step` whole into host memory, in the layout they were
-  saved with (no target: any mesh); raises _Damaged if they cannot be read back."""
+  """Reads the array `items` and "meta" of checkpoint `step` whole into host memory, in the
+  layout they were saved with (no target: any mesh); raises _Damaged if they cannot be read
+  back as they were saved."""
   step_dir = pathlib.Path(run_dir).absolute() / "ckpt" / str(step)
-  where = f"cannot restore checkpoint step {step} in {step_dir.parent}: it is damaged"
+  where = _damaged_where(step_dir.parent, step)
+  recorded = _check_step_folder(step_dir, where)
   args = {}
-  for k in items:
+  for k in (*items, "meta"):
     if k == "meta":
       args[k] = ocp.args.JsonRestore()
       continue
@@ -177,8 +303,9 @@ def _read_whole(run_dir: pathlib.Path, step: int, items: tuple[str, ...]) -> dic
       got = _restore(mngr, step, ocp.args.Composite(**args))
   except _Unrestorable as e:
     raise _Damaged(f"{where} ({e.reason})")
-  if "meta" in got and not isinstance(got["meta"], dict):
-    raise _Damaged(f"{where} (its metadata is not a JSON object)")
+  _check_integrity(got, where)
+  if not recorded:
+    _read_without_record(step_dir)
   return got
 
 
@@ -188,6 +315,8 @@ def _restore_step(run_dir: pathlib.Path, step: int, abstract: dict) -> dict:
   try:
     with reader(run_dir) as mngr:
       return restore(mngr, step, abstract)
+  except (_Gone, _Damaged):
+    raise
   except UserError as e:
     failure = e
   if step not in list_steps(run_dir):
@@ -256,15 +385,16 @@ def _newest(run_dir: pathlib.Path, attempt, holding_lock: bool):
   return None
 
 
-def restore_newest(run_dir: pathlib.Path, abstract: dict,
-                   step: Optional[int] = None) -> tuple[int, dict]:
+def restore_newest(run_dir: pathlib.Path, abstract: dict, step: Optional[int] = None,
+                   holding_lock: bool = False) -> tuple[int, dict]:
   """(step, items) of checkpoint `step` (as `restore`), or by default of the newest intact
   one: damaged ones are skipped with a warning (and set aside, unless a training holds the
-  run), and so are ones training's retention removes meanwhile. A reader: it never deletes
-  anything, and renames a damaged step only while no training holds the run."""
+  run), and so are ones training's retention removes meanwhile. It never deletes anything;
+  unless `holding_lock` (training resuming), it renames a damaged step only while no
+  training holds the run."""
   if step is not None:
     return step, _restore_step(run_dir, step, abstract)
-  found = _newest(run_dir, lambda s: _restore_step(run_dir, s, abstract), holding_lock=False)
+  found = _newest(run_dir, lambda s: _restore_step(run_dir, s, abstract), holding_lock)
   if found is None:
     raise UserError(f"{run_dir} holds no checkpoints yet")
   return found
@@ -272,21 +402,22 @@ def restore_newest(run_dir: pathlib.Path, abstract: dict,
 
 def trained_on(run_dir: pathlib.Path, step: Optional[int] = None) -> Optional[tuple[int, str]]:
   """(step, sha256 of the train split it was trained on) for checkpoint `step`; None for a
-  run without checkpoints. By default the newest intact step, for training to resume from:
-  it reads the whole checkpoint (once more than the resume does, the price of knowing it is
-  intact) and sets damaged ones aside, so call it only holding the run's lock. Orbax
-  synchronises all processes when it opens checkpoints: every process must call this."""
+  run without checkpoints. By default the newest step whose "meta" item reads, for training
+  to resume from: it sets aside newer ones whose does not, so call it only holding the run's
+  lock. Only the "meta" item is read: the resume's restore checks the arrays against its
+  checksums (and falls back past damaged ones to steps of the same run, trained on the same
+  corpus). Orbax synchronises all processes when it opens checkpoints: every process must
+  call this."""
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / "ckpt").is_dir():
     return None
   if step is None:
-    found = _newest(run_dir, lambda s: _read_whole(run_dir, s, ("params", "opt_state", "meta")),
-                    holding_lock=True)
+    found = _newest(run_dir, lambda s: _read_whole(run_dir, s, ()), holding_lock=True)
     if found is None:
       return None
     step, got = found
   else:
     if step not in list_steps(run_dir):  # removed by training's retention since it was picked
       raise _Gone(f"checkpoint step {step} of {run_dir} was removed while it was being read")
-    got = _read_whole(run_dir, step, ("meta",))
+    got = _read_whole(run_dir, step, ())
   return step, got["meta"].get("corpus_sha256", "")

@@ -269,6 +269,7 @@ class LoadedRun:
   config: ml_collections.ConfigDict  # the run's config.json
   step: int
   run_dir: pathlib.Path
+  corpus_sha256: str = ""  # of the train split the step was trained on (its "meta" item)
 
 
 def load_for_inference(path: str, step: Optional[int] = None,
@@ -292,7 +293,8 @@ def load_for_inference(path: str, step: Optional[int] = None,
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = sharding.with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
   step, got = checkpoints.restore_newest(run_dir, {"params": abstract}, step)  # newest intact by default
-  return LoadedRun(got["params"], cfg, tok, config, step, run_dir)
+  return LoadedRun(got["params"], cfg, tok, config, step, run_dir,
+                   str(got["meta"].get("corpus_sha256", "")))
 
 
 def most_recent(workdir: str = "checkpoints") -> str:

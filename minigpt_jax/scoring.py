@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minigpt_jax import checkpoints, data, generate, runs, sharding, syntax
+from minigpt_jax import data, generate, runs, sharding, syntax
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
@@ -166,7 +166,7 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   t0 = time.perf_counter()
   splits, manifest = data.load_corpus(data_cfg, run.tokenizer, log=log, build=False)
   corpus = pathlib.Path(data_cfg.dir) / data_cfg.name
-  if checkpoints.trained_on(run.run_dir, run.step)[1] != manifest["splits"]["train"]["sha256"]:
+  if run.corpus_sha256 != manifest["splits"]["train"]["sha256"]:
     raise UserError(f"{corpus} is not the corpus step {run.step} was trained on (rebuilt "
                     "since?): its val split may hold text the model trained on. Only the same "
                     f"sources with the data settings in {run.run_dir / 'config.json'} rebuild it")

@@ -41,7 +41,8 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   with runs.training_lock(run_dir), preemption.stop_on_sigterm(config.train.log_every) as stop:
     start, source, splits, train_sha256 = prepare_corpus(config, run_dir, say)
     mesh = check_fits(config, cfg, splits)
-    state, tx, state_sh = init_or_restore(config, cfg, mesh, run_dir, start, say, source)
+    state, tx, state_sh, start = init_or_restore(config, cfg, mesh, run_dir, start, say, source,
+                                                 train_sha256)
     end = min(config.train.steps, config.train.stop_at_step or config.train.steps)
     mngr = checkpoints.manager(run_dir, keep=config.train.keep)
     reporter = report.TrainReporter(run_dir, jax.process_index() == 0, start or 0,
@@ -131,11 +132,13 @@ def check_fits(config, cfg: ModelConfig, splits: dict):
 
 
 def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start, say,
-                    source=None):
+                    source=None, train_sha256=None):
   """A new run's state (and its config.json and tokenizer.json): fresh, or with the
   parameters of checkpoint `source` (run directory, step) to fine-tune and a fresh optimizer
-  state (its schedule starts over too); or the state of checkpoint `start`, laid out on
-  `mesh`. Returns (state, optimizer, state shardings)."""
+  state (its schedule starts over too); or, resuming (`start` not None), the state of the
+  newest intact checkpoint, laid out on `mesh`: `start`, or an older one if `start`'s
+  arrays are damaged (it is set aside), trained on `train_sha256` all the same. Returns
+  (state, optimizer, state shardings, the step restored: None for a new run)."""
   run_dir.mkdir(parents=True, exist_ok=True)
   sharding.sync_processes("run dir checked")  # before the lead writes config.json
   tx, abstract, state_sh = train_step.state_layout(config, cfg, mesh)
@@ -149,18 +152,22 @@ def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start
         params = checkpoints.restore(mngr, source[1], {"params": target.params})["params"]
       state = state.replace(params=params)
       say(f"fine-tuning from {source[0]} step {source[1]}: its parameters, a fresh optimizer")
-  else:
-    with checkpoints.reader(run_dir) as mngr:
-      got = checkpoints.restore(mngr, start, {"params": target.params,
-                                              "opt_state": target.opt_state})
+  else:  # the one read of the arrays, checked against their checksums (`trained_on` read
+    # only the newest intact "meta" item, the same in every step of a run)
+    start, got = checkpoints.restore_newest(
+        run_dir, {"params": target.params, "opt_state": target.opt_state}, holding_lock=True)
+    if got["meta"].get("corpus_sha256", "") != train_sha256:
+      raise UserError(f"the train corpus differs from the one step {start} of {run_dir} (the "
+                      "newest intact step) was trained on; resume with that corpus, or start a "
+                      "new --run_name")
     state = train_step.TrainState(jax.device_put(jnp.asarray(start, jnp.int32), state_sh.step),
-                                  **got)
+                                  got["params"], got["opt_state"])
     say(f"resuming {run_dir} from step {start}")
   say(f"model: {param_count(abstract.params):,} parameters, "
       f"{flops_per_token(cfg) / 1e6:.1f} MFLOP/token, compute {cfg.compute_dtype}, "
       f"attention {cfg.attention_impl}; devices: {jax.device_count()} x "
       f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
-  return state, tx, state_sh
+  return state, tx, state_sh, start
 
 
 def loop(state, step_fn, train_N, start: int, end: int, every, hooks: "Hooks") -> int:

@@ -69,9 +69,9 @@ def test_a_finetune_starts_from_the_source_parameters_with_a_fresh_optimizer(
   real = train_loop.init_or_restore
 
   def keep_initial_state(*args, **kwargs):  # fetched before the first step donates it
-    state, tx, state_sh = real(*args, **kwargs)
+    state, tx, state_sh, start = real(*args, **kwargs)
     started["state"] = jax.device_get(state)
-    return state, tx, state_sh
+    return state, tx, state_sh, start
 
   monkeypatch.setattr(train_loop, "init_or_restore", keep_initial_state)
   s = train_loop.train(c, log=quiet)

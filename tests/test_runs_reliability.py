@@ -2,17 +2,19 @@
 malformed metadata and the leftovers of a crashed save."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from helpers import REPO, ok, one_line_error, run_module, tiny_config_in
-from minigpt_jax import checkpoints, runs, tokenizer, train_loop
+from minigpt_jax import checkpoints, runs, scoring, tokenizer, train_loop
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -370,3 +372,178 @@ def test_training_removes_stale_temporary_checkpoints_when_it_starts(run):
   assert train_loop.train(c, log=quiet).last_step == 30
   assert not any(p.exists() for p in stale)
   assert steps_of(run_dir) == [10, 20, 30]
+
+
+# --- integrity: flipped bytes, damaged metadata, step folders Orbax cannot read -------------
+
+def flip_bytes(run_dir: pathlib.Path, step: int) -> None:
+  """As the hostile tester did: XOR bytes in the middle of the largest parameter data file
+  (same size, still a valid file to Orbax: only the values change)."""
+  files = (run_dir / "ckpt" / str(step) / "params").rglob("d/*")
+  largest = max((f for f in files if f.is_file()), key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  largest.write_bytes(bytes(data))
+
+
+def damage_warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_flipped_bytes_are_a_damaged_step_a_reader_falls_back_past(run, caplog):
+  _, run_dir = run
+  flip_bytes(run_dir, 20)
+  with caplog.at_level(logging.WARNING):
+    loaded = runs.load_for_inference(str(run_dir))
+  assert loaded.step == 10
+  assert np.isfinite(np.asarray(loaded.params["lm_head"]["kernel"])).all()
+  (line,) = damage_warnings(caplog)
+  assert "step 20" in line and "checksum" in line and "20.damaged" in line
+  assert steps_of(run_dir) == [10] and (run_dir / "ckpt" / "20.damaged").is_dir()
+
+
+def test_an_explicitly_chosen_step_with_flipped_bytes_is_refused_in_one_line(run):
+  _, run_dir = run
+  flip_bytes(run_dir, 20)
+  with pytest.raises(UserError, match=r"step 20 .*damaged \(params/.*checksum") as e:
+    runs.load_for_inference(str(run_dir / "ckpt" / "20"))
+  assert "\n" not in str(e.value)
+  assert steps_of(run_dir) == [10, 20]  # asked for by name: reported, left where it is
+
+
+def test_a_resume_falls_back_past_flipped_bytes_instead_of_training_on_them(run):
+  c, run_dir = run
+  flip_bytes(run_dir, 20)
+  c.train.stop_at_step = 10  # resumed, nothing to train: what matters is where it resumed
+  summary = train_loop.train(c, log=quiet)
+  assert summary.first_step == 10 and summary.last_step == 10
+  assert (run_dir / "ckpt" / "20.damaged" / "params").is_dir()
+  assert steps_of(run_dir) == [10]
+
+
+def test_a_resume_reads_the_arrays_once(run, monkeypatch):
+  """The newest intact step's corpus is learnt from its "meta" item alone; the arrays are
+  read (and their checksums checked) by the resume itself."""
+  c, run_dir = run  # already at train.steps: resumed, restored, nothing to train
+  real_restore, items_read = ocp.CheckpointManager.restore, []
+
+  def spy(self, step, *args, **kwargs):
+    items_read.append((step, sorted(kwargs["args"].keys())))
+    return real_restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", spy)
+  assert train_loop.train(c, log=quiet).first_step == 20
+  assert items_read == [(20, ["meta"]), (20, ["meta", "opt_state", "params"])]
+
+
+def test_a_checkpoint_saved_without_checksums_still_loads(run):
+  _, run_dir = run
+  meta = json.loads((run_dir / "ckpt" / "20" / "meta" / "metadata").read_text())
+  assert set(meta["checksums"]) == {"params", "opt_state"}
+  del meta["checksums"]
+  write_meta(run_dir, 20, meta)
+  loaded = runs.load_for_inference(str(run_dir))
+  assert loaded.step == 20 and loaded.corpus_sha256 == meta["corpus_sha256"]
+
+
+def _meta_not_json(path: pathlib.Path) -> None:
+  path.write_text("not json{")
+
+
+def _meta_missing(path: pathlib.Path) -> None:
+  path.unlink()
+
+
+@pytest.mark.parametrize("spoil", [_meta_not_json, _meta_missing])
+def test_evaluate_falls_back_past_a_damaged_meta_item(run, spoil):
+  _, run_dir = run
+  spoil(run_dir / "ckpt" / "20" / "meta" / "metadata")
+  out = scoring.evaluate_checkpoint(str(run_dir), num_samples=0, log=quiet)
+  assert out["step"] == 10 and np.isfinite(out["val"]["nats_per_char"])
+  assert (run_dir / "ckpt" / "20.damaged").is_dir()
+
+
+def _empty_step(step_dir: pathlib.Path) -> str:
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+  return "empty"
+
+
+def _no_params_metadata(step_dir: pathlib.Path) -> str:
+  shutil.rmtree(step_dir / "params")
+  (step_dir / "_CHECKPOINT_METADATA").unlink()
+  return "params"
+
+
+@pytest.mark.parametrize("spoil", [_empty_step, _no_params_metadata])
+def test_a_step_orbax_cannot_read_is_one_warning_with_its_cause(run, caplog, spoil):
+  _, run_dir = run
+  cause = spoil(run_dir / "ckpt" / "20")
+  with caplog.at_level(logging.WARNING):
+    assert runs.load_for_inference(str(run_dir)).step == 10
+  (line,) = damage_warnings(caplog)  # not Orbax's "Metadata file does not exist", repeated
+  assert "step 20" in line and cause in line and "20.damaged" in line
+
+
+def test_a_step_without_orbaxs_record_of_the_save_loads_with_one_warning(run, caplog):
+  _, run_dir = run
+  (run_dir / "ckpt" / "20" / "_CHECKPOINT_METADATA").unlink()
+  with caplog.at_level(logging.WARNING):
+    assert runs.load_for_inference(str(run_dir)).step == 20  # its arrays check out
+    assert runs.load_for_inference(str(run_dir)).step == 20
+  (line,) = damage_warnings(caplog)
+  assert "ckpt/20 has no _CHECKPOINT_METADATA" in line
+
+
+_LOAD = """
+import sys
+from minigpt_jax import runs
+print(runs.load_for_inference(sys.argv[1]).step)
+"""
+
+
+def test_an_unreadable_step_is_one_warning_naming_the_permission(run):
+  """A permission the process lacks (root reads anything: it drops that capability)."""
+  _, run_dir = run
+  (run_dir / "ckpt" / "20").chmod(0)
+  cmd = [sys.executable, "-c", _LOAD, str(run_dir)]
+  if os.geteuid() == 0:
+    if not shutil.which("setpriv"):
+      pytest.skip("as root, a chmod stops nothing, and setpriv (to drop that) is missing")
+    cmd = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+           "--bounding-set=-dac_override,-dac_read_search", *cmd]
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and proc.stdout.split() == ["10"], proc.stderr[-3000:]
+  (line,) = proc.stderr.strip().splitlines()
+  assert "step 20" in line and "Permission denied" in line and "20.damaged" in line
+
+
+def test_a_step_that_is_a_symlink_loop_is_set_aside_before_training_saves_over_it(run, caplog):
+  """Orbax lists no step there, so training resumed from step 10, and its save of step 20
+  failed on the link with two Orbax tracebacks, leaving its temporary folder."""
+  c, run_dir = run
+  shutil.rmtree(run_dir / "ckpt" / "20")
+  (run_dir / "ckpt" / "20").symlink_to("20")
+  with caplog.at_level(logging.WARNING):
+    summary = train_loop.train(c, log=quiet)
+  assert summary.first_step == 10 and summary.last_step == 20
+  (line,) = damage_warnings(caplog)
+  assert "step 20" in line and "symbolic links" in line and "20.damaged" in line
+  assert (run_dir / "ckpt" / "20.damaged").is_symlink()
+  assert steps_of(run_dir) == [10, 20]
+  assert not list((run_dir / "ckpt").glob("*orbax-checkpoint-tmp*"))
+
+
+def test_a_plain_file_at_a_step_is_set_aside_not_deleted_by_the_next_save(run, caplog):
+  c, run_dir = run
+  shutil.rmtree(run_dir / "ckpt" / "20")
+  (run_dir / "ckpt" / "20").write_text("someone's notes\n")
+  c.train.stop_at_step = 10  # the manager that would save step 20 is made; no need to train
+  with caplog.at_level(logging.WARNING):
+    assert train_loop.train(c, log=quiet).first_step == 10
+  (line,) = damage_warnings(caplog)
+  assert "step 20" in line and "not a folder" in line and "20.damaged" in line
+  assert (run_dir / "ckpt" / "20.damaged").read_text() == "someone's notes\n"
+  assert not (run_dir / "ckpt" / "20").exists()
