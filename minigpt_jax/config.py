@@ -32,6 +32,7 @@ def base_config() -> ConfigDict:
   c.model.vocab_pad_multiple = 128  # LM head width rounded up to this (GPU-friendly); 1 = none
   c.model.compute_dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU; params stay float32
   c.model.attention_impl = "auto"  # "auto": cuDNN flash on GPU with 16-bit compute, else "xla"
+  c.model.tie_embeddings = False  # True: the LM head is the token embedding (no lm_head)
 
   c.train = ConfigDict()
   c.train.steps = 10_000

@@ -43,6 +43,7 @@ class ModelConfig:
   vocab_pad_multiple: int  # LM head width is rounded up to this
   compute_dtype: str  # "auto", "float32", "bfloat16" or "float16"; parameters stay float32
   attention_impl: str  # "auto", "xla" or "cudnn" (for the causal, cache-free path)
+  tie_embeddings: bool = False  # the LM head reuses the token embedding (as GPT-2, nanoGPT)
 
   def __post_init__(self):
     for name in ("vocab_size", "context_len", "d_model", "n_layers", "n_heads", "d_ff",
@@ -56,6 +57,8 @@ class ModelConfig:
     if self.compute_dtype not in ("auto", *_DTYPES):
       raise UserError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, "
                       f"got {self.compute_dtype!r}")
+    if not isinstance(self.tie_embeddings, bool):
+      raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
     if self.attention_impl not in ("auto", "xla", "cudnn"):
       raise UserError(f"model.attention_impl must be auto, xla or cudnn, got "
                       f"{self.attention_impl!r}")
@@ -64,9 +67,10 @@ class ModelConfig:
   def from_section(cls, model_section, vocab_size: int) -> "ModelConfig":
     """From a config's `model` section (a ConfigDict or a dict, e.g. a run's config.json)."""
     fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    given = dict(model_section)
-    if set(given) != fields:
-      odd = sorted(set(given) ^ fields)
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    given = dict(model_section)  # a run saved before an optional field existed lacks it
+    if not fields - optional <= set(given) <= fields:
+      odd = sorted((set(given) ^ fields) - (optional - set(given)))
       raise UserError(f"the model section has unknown or missing fields: {', '.join(odd)}")
     return cls(vocab_size=vocab_size, **given)
 
@@ -197,19 +201,24 @@ def causal_attention(q_BTHK, k_BTHK, v_BTHK, block: Optional[int] = None):
 
 
 class Embeddings(nn.Module):
-  """Token embedding plus learned position embedding."""
+  """Token embedding plus learned position embedding; `attend` is the tied LM head."""
 
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens_BT, pos_BT):
+  def setup(self):
     cfg = self.cfg
+    self.token = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_dense_init())
+    self.position = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=_dense_init())
+
+  def __call__(self, tokens_BT, pos_BT):
     check_shape(self, "tokens", tokens_BT, (None, None))
     check_shape(self, "positions", pos_BT, tokens_BT.shape)
-    tok = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_dense_init(), name="token")
-    pos = nn.Embed(cfg.context_len, cfg.d_model, embedding_init=_dense_init(), name="position")
-    x_BTD = tok(tokens_BT) + pos(pos_BT)
-    return x_BTD.astype(cfg.dtype)
+    x_BTD = self.token(tokens_BT) + self.position(pos_BT)
+    return x_BTD.astype(self.cfg.dtype)
+
+  def attend(self, x_BTD):
+    """Logits [B, T, vocab_size]: `x` against every token's embedding, in float32."""
+    return self.token.attend(x_BTD.astype(jnp.float32))
 
 
 class MultiHeadAttention(nn.Module):
@@ -307,16 +316,18 @@ class MiniGPT(nn.Module):
       check_shape(self, "start", start_B, (B,))
       pos_BT = jnp.maximum(slots_T[None, :] - start_B[:, None], 0)
 
-    x_BTD = Embeddings(cfg, name="embed")(tokens_BT, pos_BT)
+    embed = Embeddings(cfg, name="embed")
+    x_BTD = embed(tokens_BT, pos_BT)
     for i in range(cfg.n_layers):
       x_BTD, cache = Block(cfg, layer=i, name=f"block_{i}")(x_BTD, start_B, cache)
     x_BTD = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x_BTD)
     # The head runs in float32 even with 16-bit compute: its logits feed the loss and the
     # sampling probabilities, which bf16 (8 bits of mantissa) would round.
+    if cfg.tie_embeddings:
+      return embed.attend(x_BTD), cache
     logits_BTV = nn.Dense(cfg.padded_vocab, use_bias=False, dtype=jnp.float32,
                           kernel_init=_dense_init(), name="lm_head")(x_BTD.astype(jnp.float32))
-    logits_BTV = logits_BTV[..., :cfg.vocab_size]
-    return logits_BTV, cache
+    return logits_BTV[..., :cfg.vocab_size], cache
 
 
 def init_params(cfg: ModelConfig, key: jax.Array):

@@ -292,3 +292,38 @@ def test_a_cache_for_another_number_of_layers_is_refused():
   other = KVCache.init(dataclasses.replace(SMALL, n_layers=SMALL.n_layers + 1), 1, 8)
   with pytest.raises(ValueError, match="a cache of 3 layers for a model of 2"):
     MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32), cache=other)
+
+
+def test_tied_embeddings_make_the_lm_head_the_token_embedding():
+  """Tied: no lm_head, and a token's embedding row moves its own logit (it is the head's
+  row for that token) and no other; untied, a row of a token not in the input moves none."""
+  tied = dataclasses.replace(SMALL_MODEL, tie_embeddings=True)
+  params = init_params(tied, jax.random.key(0))
+  untied_params = init_params(SMALL_MODEL, jax.random.key(0))
+  assert "lm_head" not in params
+  head_size = SMALL_MODEL.vocab_size * SMALL_MODEL.d_model
+  assert param_count(untied_params) - param_count(params) == head_size
+  tokens = jnp.array([[1, 2, 3, 4]])  # token 50 is not among them
+
+  def logits_after_moving_row(cfg, p):
+    moved = jax.tree.map(lambda x: x, p)  # a copy of the nested dicts
+    moved["embed"]["token"]["embedding"] = p["embed"]["token"]["embedding"].at[50].add(
+        jax.random.normal(jax.random.key(1), (cfg.d_model,)))  # not constant: ln_f centres x
+    before, _ = MiniGPT(cfg).apply({"params": p}, tokens)
+    after, _ = MiniGPT(cfg).apply({"params": moved}, tokens)
+    return np.abs(np.asarray(after - before)).max(axis=(0, 1))  # [V]
+
+  change_V = logits_after_moving_row(tied, params)
+  assert change_V[50] > 1e-3 and np.delete(change_V, 50).max() == 0
+  assert logits_after_moving_row(SMALL_MODEL, untied_params).max() == 0
+
+
+def test_a_run_saved_before_tie_embeddings_existed_loads_untied():
+  section = {f: getattr(SMALL_MODEL, f) for f in ("context_len", "d_model", "n_layers", "n_heads",
+                                                  "d_ff", "vocab_pad_multiple", "compute_dtype",
+                                                  "attention_impl")}
+  assert ModelConfig.from_section(section, 99).tie_embeddings is False
+  with pytest.raises(UserError, match="unknown or missing fields: d_ff"):
+    ModelConfig.from_section({k: v for k, v in section.items() if k != "d_ff"}, 99)
+  with pytest.raises(UserError, match="unknown or missing fields: bias"):
+    ModelConfig.from_section({**section, "bias": True}, 99)
