@@ -1,16 +1,17 @@
 """What every command shares: flag parsing and running `main` so that mistakes end the
 process with one `error:` line and exit status 2 instead of a traceback."""
 
+import gc
 import os
 import pathlib
 import select
 import signal
 import sys
+import threading
 from typing import Callable
 
 from absl import app, flags, logging
 
-from minigpt_jax import hardware
 from minigpt_jax.config import SEED_RANGE, check_seed  # noqa: F401 (the commands' --seed)
 from minigpt_jax.errors import Stopped, UserError, first_line
 
@@ -107,6 +108,33 @@ def _end_quietly_on_closed_output(status) -> None:
   sys.exit(status)
 
 
+def _interrupt(signum, frame) -> None:
+  """Ctrl-C's handler: KeyboardInterrupt, as Python's own, except in a garbage collector
+  callback (JAX has one), where Python would print it and drop it: there the signal comes
+  again a moment later, once the callback is over."""
+  callbacks = {getattr(c, "__code__", None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:
+      threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
+      return
+    frame = frame.f_back
+  raise KeyboardInterrupt
+
+
+def _exit_interrupted() -> None:
+  """Ends an interrupted command with 130, once `finally` blocks and context managers have
+  run, without the interpreter's teardown: XLA may still be compiling what the interrupt
+  abandoned on its own threads, and JAX's clean-up at exit would free the client under
+  them (a segfault)."""
+  print("interrupted", file=sys.stderr)
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+      pass
+  os._exit(130)
+
+
 def run(main: Callable[[list[str]], None], positional: str = "") -> None:
   """Runs a command's `main(args)`, where `args` are the words left after the flags (as
   many as `positional` names); `UserError`s, Ctrl-C and expected stops (`errors.Stopped`,
@@ -126,15 +154,19 @@ def run(main: Callable[[list[str]], None], positional: str = "") -> None:
     except UserError as e:
       fail(str(e))
     except KeyboardInterrupt:
-      print("interrupted", file=sys.stderr, flush=True)
-      sys.exit(130)
+      _exit_interrupted()
     except Stopped as e:
       print(str(e), file=sys.stderr, flush=True)
       sys.exit(e.exit_status)
 
-  hardware.keep_freed_host_memory()  # before JAX's first computation starts its threads
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup, &)
+    signal.signal(signal.SIGINT, _interrupt)
   try:
+    from minigpt_jax import hardware  # imports JAX: after Ctrl-C is handled
+    hardware.keep_freed_host_memory()  # before JAX's first computation starts its threads
     app.run(wrapped, flags_parser=_parse_flags)  # ends in SystemExit
+  except KeyboardInterrupt:  # while importing, or parsing the flags
+    _exit_interrupted()
   except BrokenPipeError:  # printing (the command's output, or --help) to a closed pipe
     if not _silence_closed_outputs():
       raise  # another pipe than stdout's or stderr's: a bug, with its traceback

@@ -155,6 +155,60 @@ def test_processes_agree_on_stopping_at_the_period_steps(monkeypatch):
   assert flag.should_stop(10) and gathered == [0, 1]
 
 
+# --- Ctrl-C ---------------------------------------------------------------------------------
+
+def run_interrupted(patch: str, *args: str, timeout: int = 120):
+  """`run_patched`'s command with Ctrl-C's default handling (a shell starts background jobs,
+  and so maybe these tests, with SIGINT ignored, which their children would inherit)."""
+  code = (f"{patch}\nimport runpy\n"
+          "runpy.run_module('minigpt_jax.train', run_name='__main__', alter_sys=True)\n")
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=timeout,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+# Ctrl-C while XLA compiles the train step on its own threads (just after JAX has lowered it).
+SIGINT_IN_STEP_COMPILE = """
+import os, signal, threading
+import jax
+def listener(event, seconds, fun_name=None, **_):
+  if event.endswith("/jaxpr_to_mlir_module_duration") and fun_name == "jit(train_step)":
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+jax.monitoring.register_event_duration_secs_listener(listener)
+"""
+
+# Ctrl-C while Python runs a garbage collector callback (as JAX has), where Python would
+# print the KeyboardInterrupt and drop it.
+SIGINT_IN_GC_CALLBACK = """
+import gc, os, signal, time
+import minigpt_jax.cli as cli
+real = cli.load_config
+def callback(phase, info):
+  if phase == "stop" and not sent:
+    sent.append(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+def load_config(holder):
+  gc.callbacks.append(callback)  # for good, as JAX's
+  gc.collect()
+  return real(holder)
+sent = []
+cli.load_config = load_config
+"""
+
+
+@pytest.mark.parametrize("patch", [SIGINT_IN_STEP_COMPILE, SIGINT_IN_GC_CALLBACK],
+                         ids=["compile", "gc_callback"])
+def test_ctrl_c_during_startup_exits_130_without_a_crash(tmp_path, corpus_dir, patch):
+  proc = run_interrupted(patch, *tiny_flags(tmp_path, corpus_dir, "--config.train.steps=400",
+                                            "--config.sample.num_samples=0"))
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == "interrupted", proc.stderr[-3000:]
+  assert "Fatal Python error" not in proc.stderr and "Traceback" not in proc.stderr
+  assert "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+  runs.lock_run_dir(tmp_path / "runs" / "tiny").close()  # the lock was released
+
+
 # --- failed saves ---------------------------------------------------------------------------
 
 def test_a_failed_background_save_stops_training_at_once(tiny_config, monkeypatch):
