@@ -6,13 +6,23 @@
 #
 #   [CONFIG=configs/full.py] scripts/bench_levers.sh OUT_DIR [extra bench flags ...]
 #
-# Writes OUT_DIR/<lever>.json for each run and OUT_DIR/levers.md (the table).
+# Writes OUT_DIR/<lever>.json for each run and OUT_DIR/levers.md (the table); exits 1 when
+# a lever failed (the table then has the others). Runs from any directory.
 set -u
 out=${1:?usage: [CONFIG=configs/full.py] scripts/bench_levers.sh OUT_DIR [extra bench flags ...]}
 shift
-mkdir -p "$out"
-common=(--config "${CONFIG:-configs/full.py}" --batch_sizes=128 --decode_batches=1,8
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+config=${CONFIG:-configs/full.py}  # a path from the current directory or from the repository
+[[ $config == /* || ! -f $config ]] || config=$PWD/$config
+[[ $config == /* ]] || config=$repo/$config
+cd "$repo" || exit 2
+python=${PYTHON:-python}
+# No long-sample rows: the table has none, and they would take a third of the time.
+common=(--config "$config" --batch_sizes=128 --decode_batches=1,8 --long_tokens=0
         --skip_uncached --train_steps=10 --warmup=2 --repeats=3 "$@")
+failed=0
 
 lever() {  # lever NAME EXTRA_XLA_FLAGS [bench flags ...]
   local name=$1 xla=$2
@@ -21,8 +31,10 @@ lever() {  # lever NAME EXTRA_XLA_FLAGS [bench flags ...]
   rm -f "$out/$name.json"  # a failed run must not leave an older run's figures behind
   local flags
   flags=$(echo "${XLA_FLAGS:-} $xla" | xargs)  # XLA reads a value not starting with -- as a file
-  env ${flags:+XLA_FLAGS="$flags"} python -m minigpt_jax.bench "${common[@]}" "$@" \
-      --json_out="$out/$name.json" > /dev/null || echo "== $name failed (exit $?)" >&2
+  env ${flags:+XLA_FLAGS="$flags"} $python -m minigpt_jax.bench "${common[@]}" "$@" \
+      --json_out="$out/$name.json" > /dev/null
+  local status=$?
+  if (( status != 0 )); then echo "== $name failed (exit $status)" >&2; failed=1; fi
 }
 
 lever baseline ""
@@ -34,7 +46,7 @@ lever decode_unroll4 "" --batch_sizes= --decode_unroll=4  # fewer host round tri
 lever decode_unroll16 "" --batch_sizes= --decode_unroll=16
 lever no_command_buffers "--xla_gpu_enable_command_buffer="
 
-python - "$out" <<'PY'
+$python - "$out" <<'PY' || exit 1
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 rows = ["| lever | compute, attention | train batch | train tok/s | MFU | decode b1 tok/s | decode b8 tok/s |",
@@ -54,3 +66,4 @@ rows.append(f"\n{r['device_kind']}, jax {r['versions']['jax']}, {r['date']}")
 (out / "levers.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 PY
+exit $failed

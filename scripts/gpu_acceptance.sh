@@ -1,44 +1,116 @@
 #!/usr/bin/env bash
-# The whole GPU acceptance in one command (about 10 minutes on one H100): the GPU tests, the
-# benchmark, the levers, and a short full-config training followed by `evaluate`. Writes
-# into OUT_DIR everything BENCHMARKS.md's GPU section and README's "Full config on a GPU"
-# need:
-#   pytest_gpu.txt   `pytest -m gpu`
-#   bench.json       train at batch 32/64/128, decode at batch 1 and 8 (cached and uncached)
-#   levers/          one bench run per lever, and levers.md (the table)
-#   train.log        the training run's console; runs/full/ holds its metrics and samples
-#   eval.json        `evaluate` of that run
+# The GPU acceptance in three stages, in priority order. Each stage is one command planned
+# to fit 8 minutes on one H100, writes into its own folder OUT_DIR/STAGE/, and exits
+# non-zero when any of its steps failed:
+#   headline  `pytest -m gpu` and the full config's benchmark (training at batch 64 and 128,
+#             cached decode at batch 1 and 8, uncached at 64 tokens): the headline figures
+#   levers    scripts/bench_levers.sh: one benchmark per lever, and their table
+#   train     TRAIN_SECONDS (300 by default, corpus build and compile included) of
+#             full-config training, stopped by SIGTERM (which saves a checkpoint), then
+#             `evaluate` of the step it reached
+# Every stage starts with scripts/gpu_backend_check.py: when JAX did not load its GPU
+# backend (it falls back to the CPU) the stage stops at once with one line naming what JAX
+# found, exit status 1. Runs from any directory; BENCHMARKS.md ("GPU") lists what each
+# stage writes.
 #
-#   [CONFIG=configs/full.py] [TRAIN_SECONDS=180] scripts/gpu_acceptance.sh OUT_DIR
-set -u
-out=${1:?usage: [CONFIG=configs/full.py] [TRAIN_SECONDS=180] scripts/gpu_acceptance.sh OUT_DIR}
+#   [CONFIG=configs/full.py] [TRAIN_SECONDS=300] scripts/gpu_acceptance.sh [--dry_run] STAGE OUT_DIR
+#
+# --dry_run runs the stage's commands on any machine, a CPU is enough, in seconds: the tiny
+# config (CONFIG is ignored) with the least work the flags allow, and the backend check's
+# failure, expected without a GPU, reported and passed over. It checks the commands, their
+# flags, the paths and the exit statuses, not the figures.
+set -uo pipefail
+usage="usage: [CONFIG=configs/full.py] [TRAIN_SECONDS=300] scripts/gpu_acceptance.sh [--dry_run] headline|levers|train OUT_DIR"
+dry=0
+if [[ ${1:-} == --dry_run ]]; then dry=1; shift; fi
+if (( $# != 2 )); then echo "$usage" >&2; exit 2; fi
+stage=$1
+case $stage in headline|levers|train) ;; *) echo "$usage" >&2; exit 2 ;; esac
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# CONFIG is a path from the current directory or from the repository.
 config=${CONFIG:-configs/full.py}
-mkdir -p "$out"
-step() { echo "== $(date -u +%H:%M:%S) $*" >&2; }
+[[ $config == /* || ! -f $config ]] || config=$PWD/$config
+[[ $config == /* ]] || config=$repo/$config
+(( dry )) && config=$repo/configs/tiny.py
+if [[ ! -f $config ]]; then echo "no config file $config" >&2; exit 2; fi
+mkdir -p "$2/$stage" || exit 2
+out=$(cd "$2/$stage" && pwd)
+cd "$repo" || exit 2
+python=${PYTHON:-python}
 
-step "pytest -m gpu"
-python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$out/pytest_gpu.txt" 2>&1
-tail -n 3 "$out/pytest_gpu.txt" >&2
+# The backend check: its one line is all a machine without a working GPU backend prints.
+$python scripts/gpu_backend_check.py > "$out/backend.txt" 2> "$out/backend.log"
+status=$?
+if (( status != 0 )); then
+  if (( ! dry )); then tail -n 1 "$out/backend.log" >&2; exit 1; fi
+  echo "== dry run: the backend check exits $status, as it must without a GPU: $(tail -n 1 "$out/backend.log")" >&2
+else
+  cat "$out/backend.txt" >&2
+fi
 
-step "bench"
-python -m minigpt_jax.bench --config "$config" --batch_sizes=32,64,128 --decode_batches=1,8 \
-    --uncached_tokens=64 --repeats=5 --json_out="$out/bench.json" > /dev/null \
-  || echo "== bench failed" >&2
+failed=()
+step() { echo "== $(date -u +%H:%M:%S) $stage: $*" >&2; }
+check() {  # check NAME STATUS [ACCEPTED_STATUS ...]: records NAME as failed unless STATUS is accepted
+  local name=$1 status=$2 ok
+  shift 2
+  for ok in 0 "$@"; do (( status == ok )) && return 0; done
+  echo "== $stage: $name failed (exit $status)" >&2
+  failed+=("$name")
+}
 
-step "levers"
-CONFIG=$config scripts/bench_levers.sh "$out/levers" --repeats=2 > /dev/null
+case $stage in
+headline)
+  step "pytest -m gpu"
+  # One process: the GPU tests share one device.
+  $python -m pytest -m gpu -q -n 0 -p no:cacheprovider tests/test_gpu.py > "$out/pytest_gpu.txt" 2>&1
+  check "pytest -m gpu" $?
+  tail -n 1 "$out/pytest_gpu.txt" >&2
 
-# Stopped by time, not by step count: the run ends with a checkpoint at the step it reached
-# (SIGTERM saves one) and the evaluation then scores that step.
-step "train for ${TRAIN_SECONDS:-180} s"
-timeout --signal=TERM "${TRAIN_SECONDS:-180}" python -m minigpt_jax.train --config "$config" \
-    --workdir "$out/runs" --config.train.eval_every=500 --config.train.ckpt_every=500 \
-    > "$out/train.log" 2>&1
-tail -n 3 "$out/train.log" >&2
+  step "bench"
+  bench=(--config "$config" --batch_sizes=64,128 --decode_batches=1,8 --uncached_tokens=64
+         --long_tokens=0 --repeats=3)
+  (( dry )) && bench+=(--batch_sizes=8 --decode_tokens=4 --uncached_tokens=4 --train_steps=1
+                       --warmup=0 --repeats=1)
+  $python -m minigpt_jax.bench "${bench[@]}" --json_out="$out/bench.json" > /dev/null 2> "$out/bench.log"
+  check bench $?
+  tail -n 12 "$out/bench.log" >&2
+  ;;
+levers)
+  step "levers"
+  levers=(--repeats=2)
+  # Dry, each lever's command runs without training or decoding (the headline stage's dry run
+  # runs both): its flags, its XLA_FLAGS and the table are checked.
+  (( dry )) && levers+=(--batch_sizes= --decode_batches= --repeats=1)
+  CONFIG=$config PYTHON=$python scripts/bench_levers.sh "$out" "${levers[@]}" > /dev/null 2> "$out/levers.log"
+  check levers $?
+  [[ -f $out/levers.md ]] && cat "$out/levers.md" >&2
+  ;;
+train)
+  seconds=${TRAIN_SECONDS:-300}
+  train=(--config "$config" --workdir "$out/runs" --config.run_name=acceptance
+         --config.train.eval_every=500 --config.train.ckpt_every=500)
+  evaluate=(--checkpoint "$out/runs/acceptance" --num_samples 64 --json_out "$out/eval.json")
+  if (( dry )); then
+    seconds=120
+    train+=(--config.data.dir="$out/data" --config.train.steps=4 --config.sample.num_samples=1)
+    evaluate+=(--num_samples 2 --max_new_tokens 8)
+  fi
+  # Stopped by time, not by step count: SIGTERM saves a checkpoint at the step reached (the
+  # run may also finish first), and `evaluate` then scores it.
+  step "train for $seconds s"
+  timeout --signal=TERM "$seconds" $python -m minigpt_jax.train "${train[@]}" > "$out/train.log" 2>&1
+  check train $? 124  # 124: stopped by the timeout
+  tail -n 3 "$out/train.log" >&2
 
-step "evaluate"
-python -m minigpt_jax.evaluate --checkpoint "$out/runs/$(basename "$config" .py)" \
-    --num_samples 64 --json_out "$out/eval.json" > "$out/eval.txt" 2>&1 \
-  || echo "== evaluate failed" >&2
-tail -n 12 "$out/eval.txt" >&2
+  step "evaluate"
+  $python -m minigpt_jax.evaluate "${evaluate[@]}" > "$out/eval.txt" 2>&1
+  check evaluate $?
+  tail -n 12 "$out/eval.txt" >&2
+  ;;
+esac
+
+if (( ${#failed[@]} )); then
+  step "FAILED: ${failed[*]} (logs in $out)"
+  exit 1
+fi
 step "done: $out"
