@@ -85,13 +85,15 @@ def write_stream(pieces: Iterable[tuple[int, str]], rows: list[str], num_samples
 
 def read_prompt(read_line: Callable[[str], str], tty: bool) -> Optional[str]:
   """The next prompt from `read_line` (like `input`), or None at the end of input or for an
-  empty first line. Lines ending in a backslash continue the prompt."""
+  empty first line. Lines ending in a backslash continue the prompt; a line's one trailing
+  carriage return (CRLF input) is dropped."""
   lines = []
   while True:
     try:
       line = read_line(("... " if lines else ">>> ") if tty else "")
     except EOFError:  # mid-prompt too: what was read is dropped, as the user ended the input
       return None
+    line = line[:-1] if line.endswith("\r") else line  # a CRLF line (a Windows paste or file)
     if not lines and not line:
       return None
     if not line.endswith("\\"):

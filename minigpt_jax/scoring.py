@@ -9,6 +9,7 @@ context length (the sliding-window loss would be lower).
 import functools
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -77,6 +78,19 @@ def split_loss(params, cfg: ModelConfig, ids_N: np.ndarray, batch_size: int) -> 
   return {"nats_per_char": nats, "bits_per_char": nats / math.log(2), "chars": count}
 
 
+def check_extra_corpus(folder: str) -> pathlib.Path:
+  """The folder `folder`, once it is known to be a folder this process can list."""
+  root = pathlib.Path(folder).expanduser()
+  if not root.is_dir():
+    raise UserError(f"--extra_corpus {folder!r} is not a directory")
+  try:
+    with os.scandir(root):
+      pass
+  except OSError as e:  # os.walk would skip it silently: "found no .py files"
+    raise UserError(f"cannot read --extra_corpus {folder!r}: {e.strerror or e}")
+  return root
+
+
 def encode_folder(folder: str, tok: CharTokenizer,
                   max_file_chars: int = 0) -> tuple[np.ndarray, int]:
   """Encodes the .py files under `folder` as `data.build_corpus` does, writing nothing.
@@ -85,9 +99,7 @@ def encode_folder(folder: str, tok: CharTokenizer,
   path) or left out by `data.encode_file` (pass the run's `data.max_file_chars`), and each
   followed by `<eos>`. Returns (uint8 ids, number of files).
   """
-  root = pathlib.Path(folder).expanduser()
-  if not root.is_dir():
-    raise UserError(f"--extra_corpus {folder!r} is not a directory")
+  root = check_extra_corpus(folder)
   parts, n_files, skipped, seen = [], 0, {}, set()
   for path in data.python_files(root):
     ids, skip = None, "duplicate"
@@ -155,8 +167,7 @@ def evaluate_checkpoint(path: str, step: int | None = None, extra_corpora=(),
   if num_samples < 0 or (max_new_tokens is not None and max_new_tokens < 1):
     raise UserError("num_samples must be >= 0 and max_new_tokens >= 1")
   for folder in extra_corpora:  # before the slow part
-    if not pathlib.Path(folder).expanduser().is_dir():
-      raise UserError(f"--extra_corpus {folder!r} is not a directory")
+    check_extra_corpus(folder)
   run = runs.load_for_inference(path, step, compute_dtype)
   cfg, data_cfg = run.model_cfg, run.config.data
   batch_size = batch_size or run.config.train.batch_size

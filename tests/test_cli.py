@@ -289,3 +289,32 @@ def test_training_that_loses_its_stdout_stops_quietly_with_complete_checkpoints(
   names = [p.name for p in (run / "ckpt").iterdir()]
   assert names and all(n.isdigit() for n in names), names  # no save left half-done
   assert runs.load_for_inference(str(run)).step == max(map(int, names))  # the newest loads
+
+
+# --- small things a user meets ----------------------------------------------------------------
+
+def test_interactive_takes_a_crlf_line_without_its_carriage_return():
+  from minigpt_jax import interactive
+  lines = iter(["def f(x):\\\r", "    return x\r", "print(1)\r", "\r"])
+  read_line = lambda _: next(lines)
+  assert interactive.read_prompt(read_line, tty=False) == "def f(x):\n    return x"
+  assert interactive.read_prompt(read_line, tty=False) == "print(1)"
+  assert interactive.read_prompt(read_line, tty=False) is None  # an empty CRLF line ends it
+
+
+def test_an_unreadable_extra_corpus_names_the_permission_problem(tmp_path, monkeypatch):
+  from minigpt_jax import scoring
+  from minigpt_jax.errors import UserError
+  from minigpt_jax.tokenizer import CharTokenizer
+  (tmp_path / "a.py").write_text("x = 1\n")
+  real = os.scandir
+
+  def denied(path="."):  # as for a folder without read permission (chmod does not stop root)
+    if os.fspath(path) == str(tmp_path):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real(path)
+
+  monkeypatch.setattr(os, "scandir", denied)
+  with pytest.raises(UserError) as e:
+    scoring.encode_folder(str(tmp_path), CharTokenizer())
+  assert str(e.value) == f"cannot read --extra_corpus {str(tmp_path)!r}: Permission denied"
