@@ -4,7 +4,9 @@ XLA's buffer sizes, and peak FLOP/s for MFU."""
 import ctypes
 import dataclasses
 import functools
+import importlib.metadata
 import logging
+import os
 import sys
 from typing import Callable, Optional
 
@@ -67,16 +69,43 @@ def compute_dtype_problem(dtype: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def cudnn_attention_works(context_len: int, n_heads: int, head_dim: int, dtype: str) -> bool:
-  """Runs cuDNN flash attention once on the model's own shape (it needs a recent cuDNN,
-  a supported GPU, and supports only some head widths and lengths)."""
+  """Runs cuDNN flash attention once on the model's own shape, forward and backward, as
+  training does (it needs a recent cuDNN, a supported GPU, and supports only some head
+  widths and lengths; the backward kernel is a separate one that can fail on its own)."""
   try:
     x = jnp.zeros((1, context_len, n_heads, head_dim), dtype)
-    jax.block_until_ready(jax.jit(lambda q: jax.nn.dot_product_attention(
-        q, q, q, is_causal=True, implementation="cudnn"))(x))
+    loss = lambda q: jax.nn.dot_product_attention(
+        q, q, q, is_causal=True, implementation="cudnn").astype(jnp.float32).sum()
+    jax.block_until_ready(jax.jit(jax.grad(loss))(x))
     return True
   except Exception as e:  # any failure means: use XLA's attention instead
     logging.warning("cuDNN attention unavailable (%s); using XLA attention", first_line(e, 200))
     return False
+
+
+# JAX's accelerator plugins (pip packages) and the device files their hardware shows up as.
+_ACCELERATORS = (("jax-cuda", ("/dev/nvidiactl",)), ("jax-rocm", ("/dev/kfd",)),
+                 ("libtpu", ("/dev/accel0", "/dev/vfio/0")))
+
+
+def cpu_backend_expected(platforms: Optional[str] = None,
+                         accelerators: Optional[list[str]] = None) -> bool:
+  """Whether JAX will run on the CPU, decided without starting it (JAX's backends start at
+  the first computation, and the host memory settings must come before). `platforms`:
+  JAX_PLATFORMS (default: JAX's setting, which reads it); its first entry is JAX's default
+  backend. Unset, JAX takes an accelerator whose plugin is installed and whose device is
+  present: `accelerators` (default: those found here, as `installed_accelerators` says)."""
+  platforms = jax.config.jax_platforms if platforms is None else platforms
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not (installed_accelerators() if accelerators is None else accelerators)
+
+
+def installed_accelerators() -> list[str]:
+  """The accelerator plugins installed here whose device files exist, e.g. ["jax-cuda"]."""
+  names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
+  return [prefix for prefix, devices in _ACCELERATORS
+          if any(n.startswith(prefix) for n in names) and any(map(os.path.exists, devices))]
 
 
 def keep_freed_host_memory() -> bool:
@@ -85,11 +114,13 @@ def keep_freed_host_memory() -> bool:
   XLA:CPU allocates each call's scratch buffer afresh; glibc serves a block that large with
   mmap and unmaps it when freed, so every step the kernel maps and zero-fills the working set
   again. One arena, no mmap and no trimming make the freed buffer the next call's. Must run
-  before JAX starts its threads; GPU memory is unaffected. Returns whether glibc took the
-  settings (False elsewhere, e.g. macOS or musl).
+  before JAX starts its threads. Only for the CPU backend (`cpu_backend_expected`): on an
+  accelerator the scratch buffers are device memory, and one arena would only serialise the
+  host's allocations (compile threads, checkpoint writers). Returns whether glibc took the
+  settings (False on accelerators, and elsewhere than glibc, e.g. macOS or musl).
   """
   global _kept
-  mallopt = _mallopt()
+  mallopt = _mallopt() if cpu_backend_expected() else None
   # A trim threshold of -1 turns trimming off (mallopt(3)); any positive int caps at 2 GiB,
   # below the full config's 2.8 GiB buffer.
   _kept = bool(mallopt and mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0)

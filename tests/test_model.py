@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 
@@ -212,6 +213,34 @@ def test_the_cudnn_probe_runs_the_models_own_shape(monkeypatch):
   assert seen == [((1, 256, 4, 128), jnp.bfloat16, True, "cudnn")]
 
 
+def test_the_cudnn_probe_falls_back_when_only_the_backward_pass_fails(monkeypatch):
+  """Training differentiates attention: a cuDNN whose forward kernel runs but whose backward
+  does not must give XLA attention, not a failed compile of the training step."""
+  calls = []
+
+  @jax.custom_vjp
+  def forward_only(q, k, v):
+    return q
+
+  def fwd(q, k, v):
+    calls.append("forward")
+    return q, None
+
+  def bwd(_, g):
+    calls.append("backward")
+    raise RuntimeError("cuDNN: no backward kernel for this shape")
+
+  forward_only.defvjp(fwd, bwd)
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, is_causal, implementation: forward_only(q, k, v))
+  hardware.cudnn_attention_works.cache_clear()
+  try:
+    assert hardware.resolve(FULL, platform="gpu").attention_impl == "xla"
+  finally:
+    hardware.cudnn_attention_works.cache_clear()
+  assert calls == ["forward", "backward"]
+
+
 def test_bad_model_settings_name_the_field():
   for field, value, message in [("vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a "
                                  "positive integer, got 0"),
@@ -257,10 +286,13 @@ print(kept, *faults)
 """
 
 
-def faults_after_free(mode: str, *scratch_sizes: int) -> tuple[bool, list[int]]:
-  """(whether freed memory is kept, page faults of each round) of FAULTS_AFTER_FREE."""
+def faults_after_free(mode: str, *scratch_sizes: int, platforms: str = "cpu"
+                      ) -> tuple[bool, list[int]]:
+  """(whether freed memory is kept, page faults of each round) of FAULTS_AFTER_FREE, with
+  JAX_PLATFORMS=`platforms` (JAX is imported, not started)."""
   out = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE, mode, *map(str, scratch_sizes)],
-                       capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+                       capture_output=True, text=True, check=True, cwd=REPO,
+                       env={**os.environ, "JAX_PLATFORMS": platforms}).stdout.split()
   return out[0] == "True", [int(f) for f in out[1:]]
 
 
@@ -285,6 +317,30 @@ def test_freed_memory_is_kept_only_while_the_steps_scratch_buffer_is_small():
   assert kept_small and not kept_big and kept_again
   assert max(small[1:]) * 10 < min(big)  # every round of the big case faults its pages again
   assert max(again[1:]) * 10 < min(big)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_freed_memory_is_not_kept_for_an_accelerator_backend():
+  """On a GPU the scratch buffers are device memory: glibc keeps its defaults (one arena
+  would only serialise host allocations)."""
+  kept, rounds = faults_after_free("keep", platforms="cuda")
+  _, without = faults_after_free("default")
+  assert not kept
+  assert min(rounds) * 2 > min(without)  # every round faults its pages in, as by default
+
+
+def test_the_cpu_backend_is_expected_from_jax_platforms_or_the_installed_plugins(
+    monkeypatch, tmp_path):
+  expected = hardware.cpu_backend_expected
+  assert expected("cpu") and expected("cpu,cuda") and not expected("cuda") and not expected("cuda,cpu")
+  assert expected("", accelerators=[]) and not expected("", accelerators=["jax-cuda"])
+  # A CUDA plugin counts when its device is there: without a GPU, JAX falls back to the CPU.
+  plugin = type("Dist", (), {"metadata": {"Name": "jax-cuda12-plugin"}})()
+  monkeypatch.setattr(hardware.importlib.metadata, "distributions", lambda: [plugin])
+  monkeypatch.setattr(hardware, "_ACCELERATORS", (("jax-cuda", (str(tmp_path / "nvidiactl"),)),))
+  assert hardware.installed_accelerators() == [] and expected("")
+  (tmp_path / "nvidiactl").touch()
+  assert hardware.installed_accelerators() == ["jax-cuda"] and not expected("")
 
 
 def test_a_cache_for_another_number_of_layers_is_refused():
