@@ -19,11 +19,22 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
+def pytest_configure(config):
+  """The suite runs on the CPU, in-process as in the commands it starts: on a GPU machine a
+  test comparing the two would otherwise compare a GPU's bf16 and cuDNN with the CPU's
+  float32, and the tolerances and timings were measured on the CPU. `pytest -m gpu` runs the
+  GPU tests on the GPU."""
+  if cpu_only_run(config.option.markexpr):
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for the workers, and the commands they start
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # JAX read the variable when imported
+
+
 def pytest_unconfigure(config):
   if "_CACHE" in globals() and not hasattr(config, "workerinput"):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
-from helpers import tiny_config_in, write_corpus
+from helpers import cpu_only_run, tiny_config_in, write_corpus
 
 
 @pytest.fixture(scope="session")

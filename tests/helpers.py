@@ -56,6 +56,16 @@ def run_module(module: str, *args: str, cwd=None, timeout: int = 240, env_extra=
                         capture_output=True, text=True, timeout=timeout)
 
 
+def cpu_only_run(markexpr: str) -> bool:
+  """Whether a test run selected by `-m markexpr` runs JAX on the CPU, in-process as in the
+  commands it starts (`run_module`): every run but one that selects the `gpu` tests alone."""
+  from _pytest.mark.expression import Expression
+  if not markexpr:
+    return True
+  selects = Expression.compile(markexpr).evaluate
+  return not (selects(lambda mark: mark == "gpu") and not selects(lambda mark: False))
+
+
 def tiny_flags(tmp_path, corpus_dir, *extra: str) -> list[str]:
   """Command-line flags that make configs/tiny.py train on the synthetic corpus in tmp_path."""
   return ["--config", str(REPO / "configs" / "tiny.py"),
