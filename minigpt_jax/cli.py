@@ -1,7 +1,6 @@
 """What every command shares: flag parsing and running `main` so that mistakes end the
 process with one `error:` line and exit status 2 instead of a traceback."""
 
-import gc
 import os
 import pathlib
 import select
@@ -13,7 +12,7 @@ from typing import Callable
 from absl import app, flags, logging
 
 from minigpt_jax.config import SEED_RANGE, check_seed  # noqa: F401 (the commands' --seed)
-from minigpt_jax.errors import Stopped, UserError, first_line
+from minigpt_jax.errors import Stopped, UserError, first_line, in_gc_callback
 
 # What a command whose reader went away (`... | head`) exits with: the status of a process
 # that SIGPIPE ended, without the signal, which would cut off a checkpoint being written.
@@ -112,27 +111,24 @@ def _interrupt(signum, frame) -> None:
   """Ctrl-C's handler: KeyboardInterrupt, as Python's own, except in a garbage collector
   callback (JAX has one), where Python would print it and drop it: there the signal comes
   again a moment later, once the callback is over."""
-  callbacks = {getattr(c, "__code__", None) for c in gc.callbacks}
-  while frame is not None:
-    if frame.f_code in callbacks:
-      threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGINT)).start()
-      return
-    frame = frame.f_back
+  if in_gc_callback(frame):
+    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+    return
   raise KeyboardInterrupt
 
 
-def _exit_interrupted() -> None:
-  """Ends an interrupted command with 130, once `finally` blocks and context managers have
-  run, without the interpreter's teardown: XLA may still be compiling what the interrupt
-  abandoned on its own threads, and JAX's clean-up at exit would free the client under
-  them (a segfault)."""
-  print("interrupted", file=sys.stderr)
+def _exit_abruptly(message: str = "interrupted", status: int = 130) -> None:
+  """Ends an interrupted command (Ctrl-C; SIGTERM before training) once `finally` blocks
+  and context managers have run, without the interpreter's teardown: XLA may still be
+  compiling what the interrupt abandoned on its own threads, and JAX's clean-up at exit
+  would free the client under them (a segfault)."""
+  print(message, file=sys.stderr)
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
     except (OSError, ValueError):  # a closed pipe: nothing more can be said there
       pass
-  os._exit(130)
+  os._exit(status)
 
 
 def run(main: Callable[[list[str]], None], positional: str = "") -> None:
@@ -154,8 +150,10 @@ def run(main: Callable[[list[str]], None], positional: str = "") -> None:
     except UserError as e:
       fail(str(e))
     except KeyboardInterrupt:
-      _exit_interrupted()
+      _exit_abruptly()
     except Stopped as e:
+      if e.abrupt:
+        _exit_abruptly(str(e), e.exit_status)
       print(str(e), file=sys.stderr, flush=True)
       sys.exit(e.exit_status)
 
@@ -166,7 +164,7 @@ def run(main: Callable[[list[str]], None], positional: str = "") -> None:
     hardware.keep_freed_host_memory()  # before JAX's first computation starts its threads
     app.run(wrapped, flags_parser=_parse_flags)  # ends in SystemExit
   except KeyboardInterrupt:  # while importing, or parsing the flags
-    _exit_interrupted()
+    _exit_abruptly()
   except BrokenPipeError:  # printing (the command's output, or --help) to a closed pipe
     if not _silence_closed_outputs():
       raise  # another pipe than stdout's or stderr's: a bug, with its traceback

@@ -1,7 +1,24 @@
 """User-facing errors: printed as one line by the CLIs (`cli.run`), never as a traceback."""
 
 import contextlib
+import gc
 import json
+import os
+import re
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def cause(e: BaseException, limit: int = 300) -> str:
+  """What went wrong in `e`, in short: the OS error behind it if it names one (an OSError's
+  text, or the code TensorStore's messages carry: os_error_code='28' is "No space left on
+  device"), else its first line."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  if m := _OS_ERROR_CODE.search(str(e)):
+    return os.strerror(int(m[1]))
+  return first_line(e, limit)
 
 
 class UserError(Exception):
@@ -13,6 +30,26 @@ class Stopped(Exception):
   one line and exit with `exit_status`."""
 
   exit_status = 1
+  # True: it may have cut short work still running on JAX's threads (a compile), so the
+  # process ends without the interpreter's teardown (see cli.run).
+  abrupt = False
+
+
+class WriteFailed(Exception):
+  """A file of a run could not be written at `step` (a full disk, say): training stops, and
+  `train` names the last complete checkpoint."""
+
+  def __init__(self, what, step: int, error: OSError):
+    super().__init__(f"cannot write {what} at step {step}: {cause(error)}")
+
+  @staticmethod
+  @contextlib.contextmanager
+  def naming(what, step: int):
+    """Turns an OSError in the block into a WriteFailed naming `what` and `step`."""
+    try:
+      yield
+    except OSError as e:
+      raise WriteFailed(what, step, e) from e
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -35,9 +72,28 @@ def out_of_memory_names(setting: str):
   except MemoryError:
     raise UserError(f"out of memory; lower {setting}") from None
   except Exception as e:  # XLA raises JaxRuntimeError (not a MemoryError) with this status
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    if not is_out_of_memory(e):
       raise
     raise UserError(f"out of memory ({first_line(e, 120)}); lower {setting}") from None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+  """Whether `e` is XLA running out of memory: RESOURCE_EXHAUSTED on accelerators; XLA:CPU
+  reports a failed host allocation as INTERNAL ("Out of memory allocating ...")."""
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or (text.startswith("INTERNAL") and
+                                          "out of memory" in text.lower())
+
+
+def in_gc_callback(frame) -> bool:
+  """Whether `frame` (a signal handler's) runs inside a garbage collector callback (JAX
+  has one), where Python prints an exception raised there and drops it."""
+  callbacks = {getattr(c, "__code__", None) for c in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in callbacks:
+      return True
+    frame = frame.f_back
+  return False
 
 
 MAX_JSON_DEPTH = 32  # far past any file of the project's own (a config nests 3 deep)

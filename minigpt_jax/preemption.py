@@ -1,7 +1,9 @@
 """Preemption: SIGTERM, which schedulers send before they take a machine back, stops
-training at a step boundary with a checkpoint, on every process at the same step."""
+training at a step boundary with a checkpoint, on every process at the same step; before
+the first step boundary there is nothing to save, and it ends the process at once."""
 
 import contextlib
+import os
 import signal
 import threading
 
@@ -9,7 +11,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from minigpt_jax.errors import Stopped
+from minigpt_jax.errors import Stopped, in_gc_callback
 
 
 class Preempted(Stopped):
@@ -23,8 +25,19 @@ class Preempted(Stopped):
     self.step = step
 
 
+class Terminated(Stopped):
+  """SIGTERM before training's first step boundary (preparing the corpus, compiling)."""
+
+  exit_status = 128 + signal.SIGTERM
+  abrupt = True  # it may cut short a compile
+
+  def __init__(self):
+    super().__init__("terminated (SIGTERM) before training started; nothing to save")
+
+
 class StopFlag:
-  """Set by SIGTERM, read by the loop at step boundaries.
+  """Set by SIGTERM, read by the loop at step boundaries. Until the loop first asks, SIGTERM
+  raises Terminated instead, which also ends a call that blocks (a read, an open).
 
   The processes of a multi-process run must stop (and save) at one step, so they agree on
   the flag every `period` steps, with one small all-gather; a single process reads it
@@ -32,12 +45,18 @@ class StopFlag:
   """
 
   def __init__(self, period: int = 1):
-    self.requested, self.period = False, max(1, period)
+    self.requested, self.period, self.training = False, max(1, period), False
 
-  def __call__(self, signum, frame) -> None:  # the signal handler: only sets the flag
+  def __call__(self, signum, frame) -> None:  # the signal handler
+    if in_gc_callback(frame):  # an exception would be dropped there: the signal comes again
+      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+      return
     self.requested = True
+    if not self.training:
+      raise Terminated()
 
   def should_stop(self, step: int) -> bool:
+    self.training = True
     if jax.process_count() == 1:
       return self.requested
     if step % self.period:

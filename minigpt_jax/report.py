@@ -3,46 +3,61 @@
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
 
-from minigpt_jax.errors import first_line, parse_json
+from minigpt_jax import runs
+from minigpt_jax.errors import WriteFailed, first_line, parse_json
 
 
 class TensorBoardLog:
   """The records of metrics.jsonl as TensorBoard event files in `folder`, when tensorboardX
-  (the optional extra "tensorboard") is installed; metrics.jsonl stays the source of truth."""
+  (the optional extra "tensorboard") is installed; metrics.jsonl stays the source of truth.
 
+  Written in the calling thread, flushed every FLUSH_SECONDS and at `close`: a failed write
+  (a full disk) raises OSError here, not in a writer thread whose queue would then block."""
+
+  FLUSH_SECONDS = 30
   _noted = False  # the note that the writer is missing is logged once per process
 
   def __init__(self, folder: pathlib.Path, enabled: bool = True):
     self.writer = None
     if not enabled:
       return
-    try:
-      from tensorboardX import SummaryWriter  # optional: training never needs it
+    try:  # optional: training never needs it
+      from tensorboardX import summary
+      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.proto.event_pb2 import Event
     except ImportError:
       if not TensorBoardLog._noted:
         TensorBoardLog._noted = True
         logging.info("no TensorBoard event files: tensorboardX is not installed "
                      "(pip install -e '.[tensorboard]')")
       return
-    self.writer = SummaryWriter(str(folder), flush_secs=30)
+    self.summary, self.event = summary, Event
+    self.writer = EventsWriter(str(folder / "events"))  # events.out.tfevents.<time>.<host>
+    self.flushed = time.monotonic()
 
   def write(self, record: dict) -> None:
     if self.writer is None:
       return
-    step, kind = record["step"], record["kind"]
+    step, kind, walltime = record["step"], record["kind"], record.get("time", time.time())
+    add = lambda s: self.writer.write_event(self.event(summary=s, step=step, wall_time=walltime))
     for key, value in record.items():
       if key not in ("step", "kind", "time", "tokens") and isinstance(value, (int, float)):
-        self.writer.add_scalar(f"{kind}/{key}", value, step, walltime=record.get("time"))
+        add(self.summary.scalar(f"{kind}/{key}", value))
     for i, text in enumerate(record.get("samples", ())):  # a code block keeps the indents
-      self.writer.add_text(f"samples/{i}", f"```\n{text}\n```", step)
+      add(self.summary.text(f"samples/{i}", f"```\n{text}\n```"))
+    if time.monotonic() - self.flushed > self.FLUSH_SECONDS:
+      self.writer.flush()
+      self.flushed = time.monotonic()
 
   def close(self) -> None:
     if self.writer is not None:
-      self.writer.close()
+      writer, self.writer = self.writer, None  # closed once, even if closing fails
+      writer.close()
 
 
 # The numbers a record's readers compute with (the plot: its axes, bits/char, percentages);
@@ -58,7 +73,8 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
   edited by hand) is skipped with a warning: the rest of the log stays usable.
   """
   rows = {}
-  for i, line in enumerate(pathlib.Path(path).read_text(errors="replace").splitlines(), 1):
+  text = runs.read_text(pathlib.Path(path), errors="replace")
+  for i, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -145,20 +161,26 @@ class TrainReporter:
     self.tensorboard = TensorBoardLog(self.run_dir, enabled=lead)
     self.progress = Progress(start, total, enabled=lead)
     self.train_losses, self.val_losses = {}, {}
+    self.last_step = start  # of the last record written
     self.restart_clock(start)
 
   def write(self, record: dict) -> None:
     if self.lead:  # metrics.jsonl, one JSON object per line: the source of truth
-      with (self.run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    self.tensorboard.write(record)
+      path = self.run_dir / "metrics.jsonl"
+      with WriteFailed.naming(path, record["step"]):
+        with runs.open_own(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, "a") as f:
+          f.write(json.dumps(record) + "\n")
+    with WriteFailed.naming(f"the TensorBoard events in {self.run_dir}", record["step"]):
+      self.tensorboard.write(record)
+    self.last_step = record["step"]
 
   def close(self) -> None:
     """Ends the progress bar and flushes the event files (also after an error)."""
     try:
       self.progress.close()
     finally:
-      self.tensorboard.close()
+      with WriteFailed.naming(f"the TensorBoard events in {self.run_dir}", self.last_step):
+        self.tensorboard.close()
 
   def restart_clock(self, step: int) -> None:
     """Starts a new tokens/s interval (after evals and checkpoints, which are not training)."""
@@ -193,6 +215,9 @@ class TrainReporter:
       shown = "".join(f"--- sample {i} at step {step} ---\n{t}\n" for i, t in enumerate(texts))
       self.progress.message(shown + "---")
       if self.lead:
-        (self.run_dir / "samples").mkdir(exist_ok=True)
-        (self.run_dir / "samples" / f"step_{step:07d}.txt").write_text(shown)
+        path = self.run_dir / "samples" / f"step_{step:07d}.txt"
+        with WriteFailed.naming(path, step):
+          runs.own_folder(path.parent)
+          with runs.open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
+            f.write(shown)
     self.write(record)

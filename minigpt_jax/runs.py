@@ -7,6 +7,10 @@
     checkpoints/<run>/eval_step<N>.json  written by `evaluate`
     checkpoints/<run>/ckpt/            Orbax checkpoints, and damaged ones set aside (`checkpoints`)
     checkpoints/<run>/.lock            held (flock) by the process training the run
+
+Training writes only files and folders of its own there: none of them, nor the run folder
+itself, may be a symlink (a planted one would make training write into its target), and
+its files are regular files (a FIFO in their place would block training forever).
 """
 
 import contextlib
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import pathlib
+import stat
 from typing import Optional
 
 import jax
@@ -55,20 +60,73 @@ def check_resumable(run_dir: pathlib.Path, config: ml_collections.ConfigDict) ->
                     "own config or pick another --config.run_name")
 
 
+# What training writes in a run folder, besides TensorBoard's event files (new names each time).
+WRITTEN_FILES = (".lock", "config.json", "tokenizer.json", "metrics.jsonl")
+WRITTEN_FOLDERS = ("samples", "ckpt")
+
+
 def _symlink_refused(path: pathlib.Path) -> UserError:
-  return UserError(f"{path} is a symlink; training writes only plain files of its own there "
-                   "(remove the link, or pick another --config.run_name)")
+  return UserError(f"{path} is a symlink; training writes only files and folders of its own "
+                   "in a run folder (remove the link, or pick another --config.run_name)")
 
 
-def _open_no_follow(path: pathlib.Path, flags: int, mode: str):
-  """`open` that refuses a symlink: a planted one would make training overwrite its target."""
+def _special_refused(path: pathlib.Path) -> UserError:
+  return UserError(f"{path} is not a regular file (a FIFO, socket or device); training writes "
+                   "only files of its own in a run folder (remove it, or pick another "
+                   "--config.run_name)")
+
+
+def check_own_paths(run_dir: pathlib.Path) -> None:
+  """Refuses a run folder that is a symlink, or that holds a symlink where training writes,
+  or a FIFO, socket or device in place of one of its files."""
+  for path in (run_dir, *(run_dir / n for n in WRITTEN_FILES + WRITTEN_FOLDERS)):
+    try:
+      mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+      continue
+    if stat.S_ISLNK(mode):
+      raise _symlink_refused(path)
+    if path.name in WRITTEN_FILES and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+      raise _special_refused(path)  # a folder is reported by what reads or writes it
+
+
+def open_own(path: pathlib.Path, flags: int, mode: str):
+  """`open` for a file training writes in a run folder: refuses a symlink (a planted one
+  would make training overwrite its target) and a FIFO, socket or device (opening a FIFO
+  waits for a reader forever)."""
   try:
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
   except OSError as e:
     if e.errno == errno.ELOOP:
       raise _symlink_refused(path)
+    if e.errno == errno.ENXIO:  # a FIFO nobody reads
+      raise _special_refused(path)
     raise
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise _special_refused(path)
+  os.set_blocking(fd, True)
   return os.fdopen(fd, mode)
+
+
+def own_folder(path: pathlib.Path) -> pathlib.Path:
+  """The folder `path` of a run, made if missing; a symlink in its place is refused."""
+  path.mkdir(exist_ok=True)
+  if path.is_symlink():
+    raise _symlink_refused(path)
+  return path
+
+
+def read_text(path: pathlib.Path, errors: Optional[str] = None) -> str:
+  """The text of a run's file; a FIFO, socket or device is refused (reading a FIFO waits for
+  a writer forever). OSError as `Path.read_text` raises it (missing, a folder, no access)."""
+  try:
+    special = not (stat.S_ISREG(m := os.stat(path).st_mode) or stat.S_ISDIR(m))
+  except OSError:
+    special = False  # reported by the read
+  if special:
+    raise UserError(f"{path} is not a regular file (a FIFO, socket or device)")
+  return pathlib.Path(path).read_text(errors=errors)
 
 
 def write_run_files(run_dir: pathlib.Path, config, tok: CharTokenizer) -> None:
@@ -76,12 +134,10 @@ def write_run_files(run_dir: pathlib.Path, config, tok: CharTokenizer) -> None:
   saved = config.copy_and_resolve_references()
   saved.data.dir = str(pathlib.Path(config.data.dir).absolute())
   texts = {"config.json": saved.to_json(indent=1), "tokenizer.json": json.dumps(tok.to_dict())}
-  for name in texts:  # refused before either is written
-    if (run_dir / name).is_symlink():
-      raise _symlink_refused(run_dir / name)
+  check_own_paths(run_dir)  # refused before either is written
   for name, text in texts.items():
     try:
-      with _open_no_follow(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
+      with open_own(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as f:
         f.write(text)
     except OSError as e:
       raise UserError(f"cannot write {run_dir / name}: {e.strerror or e}")
@@ -90,7 +146,7 @@ def write_run_files(run_dir: pathlib.Path, config, tok: CharTokenizer) -> None:
 def read_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
   path = pathlib.Path(run_dir) / "config.json"
   try:
-    d = parse_json(path.read_text())
+    d = parse_json(read_text(path))
   except FileNotFoundError:
     raise UserError(f"{run_dir} is not a run directory (no config.json)")
   except OSError as e:  # a folder, no permission
@@ -138,7 +194,7 @@ def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> Non
 def read_tokenizer(run_dir: pathlib.Path) -> CharTokenizer:
   path = pathlib.Path(run_dir) / "tokenizer.json"
   try:
-    d = parse_json(path.read_text())
+    d = parse_json(read_text(path))
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read the tokenizer of {run_dir}: {e}")
   if not isinstance(d, dict):
@@ -158,12 +214,16 @@ def lock_run_dir(run_dir: pathlib.Path):
   and goes on unlocked."""
   path = run_dir / ".lock"
   for _ in range(3):  # again if a failed run removed the folder meanwhile
+    check_own_paths(run_dir)
     try:
       run_dir.mkdir(parents=True, exist_ok=True)
-      f = _open_no_follow(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+")  # as open(path, "a+")
+      f = open_own(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, "a+")  # as open(path, "a+")
     except FileNotFoundError:
       continue
     except OSError as e:
+      if run_dir.is_dir():  # it is there: it cannot be written (a read-only filesystem, say)
+        raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror or e} "
+                        "(read-only, or no permission)")
       raise UserError(f"cannot create the run folder {run_dir}: {e.strerror or e}")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -185,9 +245,13 @@ def lock_run_dir(run_dir: pathlib.Path):
     f.close()
   else:
     raise UserError(f"cannot lock {path}: the folder keeps being removed")
-  f.truncate(0)  # name the holder for whoever finds the lock taken
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-  f.flush()
+  try:  # name the holder for whoever finds the lock taken
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+  except OSError as e:  # a full disk
+    f.close()
+    raise UserError(f"cannot write {path}: {e.strerror or e}; nothing was trained")
   return f
 
 

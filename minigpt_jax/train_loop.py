@@ -1,6 +1,7 @@
 """Training, top to bottom: `train(config)` prepares the corpus, initialises or restores
 the state, runs the loop, and reports. The pure step is in `train_step`."""
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -12,7 +13,7 @@ import ml_collections
 
 from minigpt_jax import config as config_lib
 from minigpt_jax import checkpoints, data, preemption, hardware, report, runs, scoring, sharding, train_step
-from minigpt_jax.errors import UserError, first_line, out_of_memory_names
+from minigpt_jax.errors import UserError, WriteFailed, cause, out_of_memory_names
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig, flops_per_token, param_count
 from minigpt_jax.tokenizer import CharTokenizer
@@ -50,20 +51,19 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
                                     mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s))
     hooks = Hooks(config, cfg, mesh, reporter, mngr, sharding.put_replicated(mesh, splits["val"]),
                   train_sha256, stop)
-    try:
-      with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
-        step = start or 0
-        if step < end:
-          train_N = sharding.put_replicated(mesh, splits["train"])
-          step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
-          hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
-          step = loop(state, step_fn, train_N, step, end, config.train, hooks)
-    finally:  # also on errors: finish the checkpoint being written, never leave it half-done
+    with hooks.failed_writes_named():  # a full disk: one line, with the last complete checkpoint
       try:
-        hooks.finish_saves()
-      finally:
-        mngr.close()
-        reporter.close()
+        with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
+          step = start or 0
+          if step < end:
+            train_N = sharding.put_replicated(mesh, splits["train"])
+            step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
+            hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
+            step = loop(state, step_fn, train_N, step, end, config.train, hooks)
+      except BaseException:
+        hooks.close(quietly=True)  # finishes the checkpoint being written, never half-done
+        raise
+      hooks.close()
   say(finished_message(config, run_dir, start or 0, step))
   return RunSummary(run_dir, start or 0, step, reporter.train_losses, reporter.val_losses)
 
@@ -235,7 +235,36 @@ class Hooks:
                 {"step": step, "corpus_sha256": self.train_sha256})
     except Exception as e:  # Orbax raises OSErrors and its own types alike
       raise UserError(f"cannot save checkpoint step {step} in {self.mngr.directory}: "
-                      f"{first_line(e)}; training stopped") from e
+                      f"{cause(e)}; training stopped ({self.kept()})") from e
+
+  def kept(self) -> str:
+    last = self.mngr.latest_step()
+    return "no checkpoint is complete" if last is None else f"step {last} is the last complete one"
+
+  @contextlib.contextmanager
+  def failed_writes_named(self):
+    """Turns a WriteFailed of the block (metrics, samples, event files) into a UserError
+    that names the last complete checkpoint."""
+    try:
+      yield
+    except WriteFailed as e:
+      raise UserError(f"{e}; training stopped (checkpoint {self.kept()})") from e
+
+  def close(self, quietly: bool = False) -> None:
+    """Waits for the last save, closes the checkpoint manager and the reporter. `quietly`:
+    while another error is on its way, which a failed close (a full disk fails every write)
+    must not replace; a failed save is still reported, naming its step."""
+    try:
+      self.finish_saves()
+    finally:
+      try:
+        self.mngr.close()
+      finally:
+        try:
+          self.reporter.close()
+        except Exception:
+          if not quietly:
+            raise
 
   def check_saves(self) -> None:
     """Raises if the last (background) save has failed; never waits for one still running."""
@@ -247,12 +276,9 @@ class Hooks:
     step, self.saving = self.saving, None
     try:
       self.mngr.wait_until_finished()
-    except Exception as e:
-      last = self.mngr.latest_step()  # Orbax has forgotten the failed step by now
-      kept = ("no checkpoint is complete" if last is None else
-              f"step {last} is the last complete one")
+    except Exception as e:  # Orbax has forgotten the failed step by now
       raise UserError(f"saving checkpoint step {step} in {self.mngr.directory} failed: "
-                      f"{first_line(e)}; training stopped ({kept})") from e
+                      f"{cause(e)}; training stopped ({self.kept()})") from e
 
   def preempt(self, step: int, state, pending) -> None:
     """Logs what is pending, saves step `step` (unless it was just saved) and raises Preempted."""

@@ -1,6 +1,7 @@
 """The run directory under damage: broken or vanishing checkpoints, planted symlinks,
-malformed metadata and the leftovers of a crashed save."""
+malformed metadata, FIFOs and the leftovers of a crashed save."""
 
+import errno
 import json
 import logging
 import os
@@ -202,6 +203,84 @@ def test_a_planted_symlink_in_a_new_run_is_refused_and_its_target_kept(tiny_conf
     train_loop.train(tiny_config, log=quiet)
   assert outside.read_text() == "keep me\n"
   assert (run_dir / name).is_symlink()  # left for its owner to look at
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "samples", "ckpt", "run folder"])
+def test_every_planted_symlink_training_would_write_through_is_refused(tiny_config, tmp_path,
+                                                                       name):
+  """Not only .lock, config.json and tokenizer.json: whatever training writes in a run
+  folder, and the run folder itself, is refused as a symlink, its target left untouched."""
+  outside = tmp_path / "someone_elses"
+  outside.mkdir()
+  (outside / "metrics.jsonl").write_text("theirs\n")
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  run_dir.parent.mkdir(parents=True)
+  if name == "run folder":
+    link = run_dir
+  else:
+    run_dir.mkdir()
+    link = run_dir / name
+  link.symlink_to(outside / "metrics.jsonl" if name == "metrics.jsonl" else outside)
+  tiny_config.train.steps, tiny_config.train.log_every = 2, 1
+  with pytest.raises(UserError, match=f"{link} is a symlink") as e:
+    train_loop.train(tiny_config, log=quiet)
+  assert "\n" not in str(e.value)
+  assert sorted(p.name for p in outside.iterdir()) == ["metrics.jsonl"]  # nothing written in
+  assert (outside / "metrics.jsonl").read_text() == "theirs\n" and link.is_symlink()
+
+
+def test_a_symlink_planted_while_training_runs_is_refused_when_it_is_written(tiny_config,
+                                                                            tmp_path, monkeypatch):
+  outside = tmp_path / "someone_elses"
+  outside.mkdir()
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  real = runs.write_run_files
+
+  def then_plant(*args, **kwargs):  # after the checks at the start
+    real(*args, **kwargs)
+    (run_dir / "samples").symlink_to(outside)
+
+  monkeypatch.setattr(runs, "write_run_files", then_plant)
+  tiny_config.train.steps, tiny_config.train.eval_every = 2, 2
+  with pytest.raises(UserError, match=r"samples is a symlink"):
+    train_loop.train(tiny_config, log=quiet)
+  assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "metrics.jsonl", ".lock"])
+def test_a_fifo_in_a_run_folder_is_refused_by_training_at_once(run, name):
+  c, run_dir = run
+  (run_dir / name).unlink(missing_ok=True)
+  os.mkfifo(run_dir / name)
+  c.train.steps = 30
+  with pytest.raises(UserError, match=f"{run_dir / name} is not a regular file"):
+    train_loop.train(c, log=quiet)  # before, it waited for a writer (or reader) forever
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_fifo_in_a_run_folder_is_one_error_line_for_sample(run, name):
+  _, run_dir = run
+  (run_dir / name).unlink()
+  os.mkfifo(run_dir / name)
+  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir), timeout=60)
+  one_line_error(proc, f"{name} is not a regular file")
+
+
+def test_resuming_on_a_read_only_filesystem_says_so(run, monkeypatch):
+  c, run_dir = run
+  real = os.open
+
+  def read_only(path, flags, *args, **kwargs):
+    if str(path).startswith(str(run_dir)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real(path, flags, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", read_only)
+  c.train.steps = 30
+  with pytest.raises(UserError) as e:
+    train_loop.train(c, log=quiet)
+  assert str(e.value) == (f"cannot write in the run folder {run_dir}: Read-only file system "
+                          "(read-only, or no permission)")
 
 
 # --- malformed metadata ---------------------------------------------------------------------

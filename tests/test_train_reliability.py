@@ -197,6 +197,42 @@ cli.load_config = load_config
 """
 
 
+# Preparing the corpus blocks (as opening a FIFO does) once it has said so in a file.
+BLOCKS_BEFORE_TRAINING = """
+import os, pathlib, sys
+from minigpt_jax import data
+fifo = pathlib.Path(sys.argv[-1])
+def load_corpus_everywhere(*a, **k):
+  os.mkfifo(fifo)
+  fifo.with_suffix(".waiting").touch()
+  open(fifo).read()  # waits for a writer forever
+data.load_corpus_everywhere = load_corpus_everywhere
+sys.argv.pop()
+"""
+
+
+def test_sigterm_ends_a_process_blocked_before_training(tmp_path, corpus_dir):
+  fifo = tmp_path / "blocked"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", BLOCKS_BEFORE_TRAINING + "import runpy\nrunpy.run_module("
+       "'minigpt_jax.train', run_name='__main__', alter_sys=True)\n",
+       *tiny_flags(tmp_path, corpus_dir), str(fifo)],
+      cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    while not fifo.with_suffix(".waiting").exists() and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)  # before, the handler only set a flag: it hung
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  assert err.strip() == "terminated (SIGTERM) before training started; nothing to save", err
+  assert not (tmp_path / "runs" / "tiny").exists()  # the new run's empty folder is removed
+
+
 @pytest.mark.parametrize("patch", [SIGINT_IN_STEP_COMPILE, SIGINT_IN_GC_CALLBACK],
                          ids=["compile", "gc_callback"])
 def test_ctrl_c_during_startup_exits_130_without_a_crash(tmp_path, corpus_dir, patch):
@@ -235,6 +271,84 @@ def test_a_save_that_fails_at_once_is_a_one_line_error_naming_the_step(tiny_conf
     train_loop.train(tiny_config, log=quiet)
 
 
+def _full_disk_for_metrics_from(monkeypatch, from_step: int) -> None:
+  """Writing metrics.jsonl fails with ENOSPC from the record of `from_step` on."""
+  real = report.TrainReporter.write
+
+  def write(self, record):
+    if record["step"] >= from_step:
+      real_open = runs.open_own
+      def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+      monkeypatch.setattr(runs, "open_own", full)
+      try:
+        return real(self, record)
+      finally:
+        monkeypatch.setattr(runs, "open_own", real_open)
+    return real(self, record)
+
+  monkeypatch.setattr(report.TrainReporter, "write", write)
+
+
+def test_a_full_disk_writing_metrics_is_one_error_naming_step_cause_and_checkpoint(
+    tiny_config, monkeypatch):
+  _full_disk_for_metrics_from(monkeypatch, 15)
+
+  def full(self):  # the event files cannot be closed either: that must not hide the cause
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(report.TensorBoardLog, "close", full)
+  t = tiny_config.train
+  t.steps, t.ckpt_every, t.log_every, tiny_config.sample.num_samples = 30, 10, 5, 0
+  with pytest.raises(UserError) as e:
+    train_loop.train(tiny_config, log=quiet)
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  assert str(e.value) == (f"cannot write {run_dir / 'metrics.jsonl'} at step 15: No space left "
+                          "on device; training stopped (checkpoint step 10 is the last "
+                          "complete one)")
+  assert sorted(_train_losses(run_dir)) == [5, 10]  # what was written stays
+  with checkpoints.reader(run_dir) as mngr:
+    assert mngr.all_steps() == [10]
+
+
+def test_a_full_disk_closing_the_event_files_is_one_error_line(tiny_config, monkeypatch):
+  def full(self):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(report.TensorBoardLog, "close", full)
+  t = tiny_config.train
+  t.steps, t.ckpt_every, t.log_every, tiny_config.sample.num_samples = 10, 10, 5, 0
+  with pytest.raises(UserError, match=r"TensorBoard events .* at step 10: No space left on "
+                                      r"device; training stopped \(checkpoint step 10 is the "
+                                      r"last complete one\)"):
+    train_loop.train(tiny_config, log=quiet)
+
+
+def test_a_full_disk_writing_samples_is_one_error_line(tiny_config, monkeypatch):
+  def full(path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+  monkeypatch.setattr(runs, "own_folder", full)
+  t = tiny_config.train
+  t.steps, t.ckpt_every, t.eval_every = 20, 20, 10
+  with pytest.raises(UserError, match=r"samples/step_0000010.txt at step 10: No space left on "
+                                      r"device; training stopped \(checkpoint no checkpoint"):
+    train_loop.train(tiny_config, log=quiet)
+
+
+def test_a_full_disk_during_a_save_names_the_cause_in_tensorstores_words(tiny_config,
+                                                                         monkeypatch):
+  def full(*_, **__):  # as TensorStore words it: its message is long, the cause at its end
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file " + "x" * 400 +
+                     ": No space left on device [os_error_code='28']")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  tiny_config.train.steps, tiny_config.sample.num_samples = 10, 0
+  with pytest.raises(UserError, match=r"checkpoint step 10 .*: No space left on device; "
+                                      r"training stopped \(no checkpoint is complete\)"):
+    train_loop.train(tiny_config, log=quiet)
+
+
 # --- out of memory --------------------------------------------------------------------------
 
 def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monkeypatch):
@@ -247,6 +361,20 @@ def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monke
   monkeypatch.setattr(train_step, "compile_train_step", huge)
   tiny_config.sample.num_samples = 0
   with pytest.raises(UserError, match=r"out of memory.*train\.batch_size"):
+    train_loop.train(tiny_config, log=quiet)
+
+
+def test_out_of_memory_on_the_cpu_names_the_batch_size(tiny_config, monkeypatch):
+  """XLA:CPU reports a failed allocation as INTERNAL, not RESOURCE_EXHAUSTED."""
+  def huge(*_, **__):
+    def step(state, train_N):
+      raise jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate: Out of memory "
+                                       "allocating 85899345920 bytes.")
+    return step
+
+  monkeypatch.setattr(train_step, "compile_train_step", huge)
+  tiny_config.sample.num_samples = 0
+  with pytest.raises(UserError, match=r"out of memory \(INTERNAL.*\); lower train\.batch_size"):
     train_loop.train(tiny_config, log=quiet)
 
 
