@@ -55,6 +55,7 @@ def manager(run_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
   """The manager training saves with: it keeps the last `keep` checkpoints. Call it only
   while holding the run's lock: it removes what killed saves left half-written."""
   _quiet_orbax_metadata_warnings()
+  _quiet_failed_save_noise()
   remove_stale_tmp(run_dir)
   set_aside_non_folders(run_dir)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -107,6 +108,32 @@ def _quiet_orbax_metadata_warnings() -> None:
   said = ("Metadata file does not exist", "Failed to read Metadata file")
   logging.getLogger("absl").addFilter(
       lambda r: "/orbax/" not in r.pathname or not str(r.msg).startswith(said))
+
+
+def _quiet_failed_save_noise() -> None:
+  """Drops what a failed background save prints (a full disk, say): each of Orbax's save
+  threads logs its error with a traceback, and TensorStore's writes still in flight print
+  "Event loop is closed" tracebacks once Orbax has closed their loop, hundreds of lines in
+  all, as the reads a failed restore abandons do. The save's error reaches training, which
+  names it in one line (`train_loop`)."""
+  global _save_noise_quieted
+  if _save_noise_quieted:
+    return
+  _save_noise_quieted = True
+  _silence_abandoned_reads()
+  said = ("raised an exception", "Failed to run", "Save Finalize thread")
+  logging.getLogger("absl").addFilter(lambda r: "/orbax/" not in r.pathname or not (
+      r.levelno >= logging.ERROR and any(s in r.getMessage() for s in said)))
+  default_hook = sys.excepthook
+
+  def hook(kind, e, tb):  # TensorStore's callback threads print through sys.excepthook
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      default_hook(kind, e, tb)
+
+  sys.excepthook = hook
+
+
+_save_noise_quieted = False
 
 
 def reader(run_dir: pathlib.Path) -> ocp.CheckpointManager:

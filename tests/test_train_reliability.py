@@ -349,6 +349,36 @@ def test_a_full_disk_during_a_save_names_the_cause_in_tensorstores_words(tiny_co
     train_loop.train(tiny_config, log=quiet)
 
 
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+  """A 600 KiB tmpfs: room for the run's files and one tiny checkpoint, not two."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if os.geteuid() != 0:
+    pytest.skip("mounting a tmpfs needs root; the monkeypatched full-disk tests above run")
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+                        capture_output=True, text=True)
+  if made.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(tmp_path, corpus_dir,
+                                                                            small_tmpfs):
+  """Orbax's save threads and TensorStore's pending writes print hundreds of lines when a
+  save fails for space; all that reaches the user is one line."""
+  proc = run_module("minigpt_jax.train", "--config", str(REPO / "configs" / "tiny.py"),
+                    f"--config.data.roots=('{corpus_dir}',)", f"--config.data.dir={tmp_path}/data",
+                    f"--workdir={small_tmpfs}", "--config.train.steps=40")
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      f"error: saving checkpoint step 20 in {small_tmpfs}/tiny/ckpt failed: No space left on "
+      "device; training stopped (step 10 is the last complete one)"], proc.stderr[-3000:]
+  assert checkpoints.list_steps(small_tmpfs / "tiny") == [10]
+
+
 # --- out of memory --------------------------------------------------------------------------
 
 def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monkeypatch):
