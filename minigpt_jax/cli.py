@@ -6,13 +6,12 @@ import pathlib
 import select
 import signal
 import sys
-import threading
 from typing import Callable
 
 from absl import app, flags, logging
 
 from minigpt_jax.config import SEED_RANGE, check_seed  # noqa: F401 (the commands' --seed)
-from minigpt_jax.errors import Stopped, UserError, first_line, in_gc_callback
+from minigpt_jax.errors import Stopped, UserError, first_line, sent_again_after_gc_callback
 
 # What a command whose reader went away (`... | head`) exits with: the status of a process
 # that SIGPIPE ended, without the signal, which would cut off a checkpoint being written.
@@ -111,10 +110,8 @@ def _interrupt(signum, frame) -> None:
   """Ctrl-C's handler: KeyboardInterrupt, as Python's own, except in a garbage collector
   callback (JAX has one), where Python would print it and drop it: there the signal comes
   again a moment later, once the callback is over."""
-  if in_gc_callback(frame):
-    threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-    return
-  raise KeyboardInterrupt
+  if not sent_again_after_gc_callback(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _exit_abruptly(message: str = "interrupted", status: int = 130) -> None:

@@ -5,6 +5,7 @@ import gc
 import json
 import os
 import re
+import threading
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
@@ -83,6 +84,17 @@ def is_out_of_memory(e: BaseException) -> bool:
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or (text.startswith("INTERNAL") and
                                           "out of memory" in text.lower())
+
+
+def sent_again_after_gc_callback(signum: int, frame) -> bool:
+  """For a signal handler that raises: whether `frame` (the handler's) runs inside a garbage
+  collector callback (JAX has one), where Python would print the exception and drop it. If
+  so, the signal `signum` is sent again a moment later, once the callback is over, and the
+  handler must return without raising."""
+  if not in_gc_callback(frame):
+    return False
+  threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+  return True
 
 
 def in_gc_callback(frame) -> bool:

@@ -1,9 +1,8 @@
 """Preemption: SIGTERM, which schedulers send before they take a machine back, stops
 training at a step boundary with a checkpoint, on every process at the same step; before
-the first step boundary there is nothing to save, and it ends the process at once."""
+the training loop starts there is nothing to save, and a single process ends at once."""
 
 import contextlib
-import os
 import signal
 import threading
 
@@ -11,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from minigpt_jax.errors import Stopped, in_gc_callback
+from minigpt_jax.errors import Stopped, sent_again_after_gc_callback
 
 
 class Preempted(Stopped):
@@ -26,7 +25,7 @@ class Preempted(Stopped):
 
 
 class Terminated(Stopped):
-  """SIGTERM before training's first step boundary (preparing the corpus, compiling)."""
+  """SIGTERM before the training loop starts (preparing the corpus, compiling)."""
 
   exit_status = 128 + signal.SIGTERM
   abrupt = True  # it may cut short a compile
@@ -36,28 +35,29 @@ class Terminated(Stopped):
 
 
 class StopFlag:
-  """Set by SIGTERM, read by the loop at step boundaries. Until the loop first asks, SIGTERM
-  raises Terminated instead, which also ends a call that blocks (a read, an open).
+  """Set by SIGTERM, read by the loop at step boundaries. Until the loop starts (it sets
+  `loop_started`), SIGTERM raises Terminated in a single process instead, which also ends
+  a call that blocks (a read, an open).
 
   The processes of a multi-process run must stop (and save) at one step, so they agree on
   the flag every `period` steps, with one small all-gather; a single process reads it
-  at every step.
+  at every step. There SIGTERM only ever sets the flag: a process that raised would skip
+  that step, and the others would wait for it in a collective for good.
   """
 
   def __init__(self, period: int = 1):
-    self.requested, self.period, self.training = False, max(1, period), False
+    self.requested, self.period, self.loop_started = False, max(1, period), False
+    self.alone = jax.process_count() == 1  # known here: the handler must not start JAX
 
   def __call__(self, signum, frame) -> None:  # the signal handler
-    if in_gc_callback(frame):  # an exception would be dropped there: the signal comes again
-      threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
-      return
+    if self.alone and not self.loop_started:
+      if not sent_again_after_gc_callback(signum, frame):
+        raise Terminated()
+      return  # it comes again
     self.requested = True
-    if not self.training:
-      raise Terminated()
 
   def should_stop(self, step: int) -> bool:
-    self.training = True
-    if jax.process_count() == 1:
+    if self.alone:
       return self.requested
     if step % self.period:
       return False

@@ -172,7 +172,9 @@ def init_or_restore(config, cfg: ModelConfig, mesh, run_dir: pathlib.Path, start
 
 def loop(state, step_fn, train_N, start: int, end: int, every, hooks: "Hooks") -> int:
   """Steps from `start` to `end`; logs, checkpoints and evaluates as `every` (config.train)
-  says, and stops with a checkpoint (raising Preempted) on SIGTERM. Returns the last step."""
+  says, and stops with a checkpoint (raising Preempted) on SIGTERM, from now on: one during
+  step 1, its eval or its checkpoint too. Returns the last step."""
+  hooks.stop.loop_started = True
   step, pending = start, None
   while step < end:
     state, metrics = step_fn(state, train_N)

@@ -137,6 +137,34 @@ def test_sigterm_in_process_stops_at_a_step_boundary_and_restores_the_handler(ti
   runs.lock_run_dir(run_dir).close()  # released
 
 
+def test_sigterm_during_the_first_steps_checkpoint_stops_after_it(tiny_config, monkeypatch):
+  """The loop has started: step 1's checkpoint (or eval) is not "before training"."""
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM must never kill pytest
+  real = train_loop.Hooks.checkpoint
+
+  def checkpoint_then_sigterm(self, step, state):
+    real(self, step, state)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train_loop.Hooks, "checkpoint", checkpoint_then_sigterm)
+  tiny_config.train.ckpt_every, tiny_config.sample.num_samples = 1, 0
+  try:
+    with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) at step 1:") as e:
+      train_loop.train(tiny_config, log=quiet)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  with checkpoints.reader(pathlib.Path(tiny_config.workdir) / tiny_config.run_name) as mngr:
+    assert mngr.all_steps() == [e.value.step] == [1]
+
+
+def test_sigterm_before_the_loop_only_sets_the_flag_in_a_multi_process_run(monkeypatch):
+  """Raising on one process would skip the step all of them stop at: the others would wait."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  flag = preemption.StopFlag(period=5)
+  flag(signal.SIGTERM, None)  # no Terminated
+  assert flag.requested
+
+
 def test_processes_agree_on_stopping_at_the_period_steps(monkeypatch):
   """In a multi-process run a SIGTERM seen by any process stops all of them, at the next
   step that is a multiple of the period (they all ask then, so none waits for the others)."""
