@@ -250,7 +250,7 @@ class Hooks:
     try:
       yield
     except WriteFailed as e:
-      raise UserError(f"{e}; training stopped (checkpoint {self.kept()})") from e
+      raise UserError(f"{e}; training stopped ({self.kept()})") from e
 
   def close(self, quietly: bool = False) -> None:
     """Waits for the last save, closes the checkpoint manager and the reporter. `quietly`:

@@ -332,8 +332,7 @@ def test_a_full_disk_writing_metrics_is_one_error_naming_step_cause_and_checkpoi
     train_loop.train(tiny_config, log=quiet)
   run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
   assert str(e.value) == (f"cannot write {run_dir / 'metrics.jsonl'} at step 15: No space left "
-                          "on device; training stopped (checkpoint step 10 is the last "
-                          "complete one)")
+                          "on device; training stopped (step 10 is the last complete one)")
   assert sorted(_train_losses(run_dir)) == [5, 10]  # what was written stays
   with checkpoints.reader(run_dir) as mngr:
     assert mngr.all_steps() == [10]
@@ -347,8 +346,8 @@ def test_a_full_disk_closing_the_event_files_is_one_error_line(tiny_config, monk
   t = tiny_config.train
   t.steps, t.ckpt_every, t.log_every, tiny_config.sample.num_samples = 10, 10, 5, 0
   with pytest.raises(UserError, match=r"TensorBoard events .* at step 10: No space left on "
-                                      r"device; training stopped \(checkpoint step 10 is the "
-                                      r"last complete one\)"):
+                                      r"device; training stopped \(step 10 is the last "
+                                      r"complete one\)"):
     train_loop.train(tiny_config, log=quiet)
 
 
@@ -360,7 +359,8 @@ def test_a_full_disk_writing_samples_is_one_error_line(tiny_config, monkeypatch)
   t = tiny_config.train
   t.steps, t.ckpt_every, t.eval_every = 20, 20, 10
   with pytest.raises(UserError, match=r"samples/step_0000010.txt at step 10: No space left on "
-                                      r"device; training stopped \(checkpoint no checkpoint"):
+                                      r"device; training stopped \(no checkpoint is "
+                                      r"complete\)"):
     train_loop.train(tiny_config, log=quiet)
 
 
