@@ -158,7 +158,8 @@ class TrainReporter:
                tokens_per_step: int, mfu_fn):
     self.run_dir, self.lead = pathlib.Path(run_dir), lead
     self.tokens_per_step, self.mfu_fn = tokens_per_step, mfu_fn
-    self.tensorboard = TensorBoardLog(self.run_dir, enabled=lead)
+    with WriteFailed.naming(f"the TensorBoard events in {self.run_dir}", start):
+      self.tensorboard = TensorBoardLog(self.run_dir, enabled=lead)
     self.progress = Progress(start, total, enabled=lead)
     self.train_losses, self.val_losses = {}, {}
     self.last_step = start  # of the last record written
@@ -181,6 +182,18 @@ class TrainReporter:
     finally:
       with WriteFailed.naming(f"the TensorBoard events in {self.run_dir}", self.last_step):
         self.tensorboard.close()
+
+  def __enter__(self) -> "TrainReporter":
+    return self
+
+  def __exit__(self, error_type, *_) -> None:
+    """Closes; while an error is on its way, a failed close (a full disk fails every write)
+    is dropped: it must not replace that error."""
+    try:
+      self.close()
+    except Exception:
+      if error_type is None:
+        raise
 
   def restart_clock(self, step: int) -> None:
     """Starts a new tokens/s interval (after evals and checkpoints, which are not training)."""

@@ -45,25 +45,24 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
     state, tx, state_sh, start = init_or_restore(config, cfg, mesh, run_dir, start, say, source,
                                                  train_sha256)
     end = min(config.train.steps, config.train.stop_at_step or config.train.steps)
-    mngr = checkpoints.manager(run_dir, keep=config.train.keep)
-    reporter = report.TrainReporter(run_dir, jax.process_index() == 0, start or 0,
-                                    config.train.steps, config.train.batch_size * cfg.context_len,
-                                    mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s))
-    hooks = Hooks(config, cfg, mesh, reporter, mngr, sharding.put_replicated(mesh, splits["val"]),
-                  train_sha256, stop)
-    with hooks.failed_writes_named():  # a full disk: one line, with the last complete checkpoint
-      try:
-        with out_of_memory_names("train.batch_size"):  # XLA allocates at the first call
-          step = start or 0
-          if step < end:
-            train_N = sharding.put_replicated(mesh, splits["train"])
-            step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
-            hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
-            step = loop(state, step_fn, train_N, step, end, config.train, hooks)
-      except BaseException:
-        hooks.close(quietly=True)  # finishes the checkpoint being written, never half-done
-        raise
-      hooks.close()
+    step = start or 0
+    with contextlib.ExitStack() as stack:  # what it enters is left bottom up, on errors too
+      mngr = stack.enter_context(checkpoints.manager(run_dir, keep=config.train.keep))
+      # A failed write of a run file (a full disk): one line, naming the last checkpoint.
+      stack.enter_context(failed_writes_named(mngr))
+      reporter = stack.enter_context(report.TrainReporter(
+          run_dir, jax.process_index() == 0, step, config.train.steps,
+          config.train.batch_size * cfg.context_len,
+          mfu_fn=lambda tok_s: hardware.mfu(flops_per_token(cfg), tok_s)))
+      hooks = Hooks(config, cfg, mesh, reporter, mngr,
+                    sharding.put_replicated(mesh, splits["val"]), train_sha256, stop)
+      stack.callback(hooks.finish_saves)  # the last save is finished, never left half-done
+      stack.enter_context(out_of_memory_names("train.batch_size"))  # XLA allocates at 1st call
+      if step < end:
+        train_N = sharding.put_replicated(mesh, splits["train"])
+        step_fn = train_step.compile_train_step(config, cfg, mesh, tx, state_sh, state, train_N)
+        hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
+        step = loop(state, step_fn, train_N, step, end, config.train, hooks)
   say(finished_message(config, run_dir, start or 0, step))
   return RunSummary(run_dir, start or 0, step, reporter.train_losses, reporter.val_losses)
 
@@ -240,33 +239,7 @@ class Hooks:
                       f"{cause(e)}; training stopped ({self.kept()})") from e
 
   def kept(self) -> str:
-    last = self.mngr.latest_step()
-    return "no checkpoint is complete" if last is None else f"step {last} is the last complete one"
-
-  @contextlib.contextmanager
-  def failed_writes_named(self):
-    """Turns a WriteFailed of the block (metrics, samples, event files) into a UserError
-    that names the last complete checkpoint."""
-    try:
-      yield
-    except WriteFailed as e:
-      raise UserError(f"{e}; training stopped ({self.kept()})") from e
-
-  def close(self, quietly: bool = False) -> None:
-    """Waits for the last save, closes the checkpoint manager and the reporter. `quietly`:
-    while another error is on its way, which a failed close (a full disk fails every write)
-    must not replace; a failed save is still reported, naming its step."""
-    try:
-      self.finish_saves()
-    finally:
-      try:
-        self.mngr.close()
-      finally:
-        try:
-          self.reporter.close()
-        except Exception:
-          if not quietly:
-            raise
+    return kept(self.mngr)
 
   def check_saves(self) -> None:
     """Raises if the last (background) save has failed; never waits for one still running."""
@@ -305,6 +278,22 @@ class Hooks:
             max_new_tokens=s.max_new_tokens, seed=step,
             sampling=SamplingConfig(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p))
     self.reporter.eval(step, val, checked)
+
+
+def kept(mngr) -> str:
+  """The last complete checkpoint of the run `mngr` saves, in words."""
+  last = mngr.latest_step()
+  return "no checkpoint is complete" if last is None else f"step {last} is the last complete one"
+
+
+@contextlib.contextmanager
+def failed_writes_named(mngr):
+  """Turns a WriteFailed of the block (metrics, samples, event files) into a UserError
+  that names the last complete checkpoint of `mngr`."""
+  try:
+    yield
+  except WriteFailed as e:
+    raise UserError(f"{e}; training stopped ({kept(mngr)})") from e
 
 
 def finished_message(config, run_dir: pathlib.Path, start: int, step: int) -> str:

@@ -351,6 +351,23 @@ def test_a_full_disk_closing_the_event_files_is_one_error_line(tiny_config, monk
     train_loop.train(tiny_config, log=quiet)
 
 
+def test_event_files_that_cannot_be_created_are_one_error_line(tiny_config, monkeypatch):
+  def read_only(*_, **__):
+    raise OSError(errno.EROFS, "Read-only file system")
+
+  closed = []
+  real_close = ocp.CheckpointManager.close
+  monkeypatch.setattr(ocp.CheckpointManager, "close",
+                      lambda self: closed.append(1) or real_close(self))
+  monkeypatch.setattr(report.TensorBoardLog, "__init__", read_only)
+  with pytest.raises(UserError) as e:
+    train_loop.train(tiny_config, log=quiet)
+  run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
+  assert str(e.value) == (f"cannot write the TensorBoard events in {run_dir} at step 0: "
+                          "Read-only file system; training stopped (no checkpoint is complete)")
+  assert closed  # the checkpoint manager opened before it
+
+
 def test_a_full_disk_writing_samples_is_one_error_line(tiny_config, monkeypatch):
   def full(path):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
