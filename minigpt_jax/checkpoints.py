@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import sys
 import warnings
 import zlib
@@ -75,18 +76,19 @@ def remove_stale_tmp(run_dir: pathlib.Path) -> None:
 
 
 def set_aside_non_folders(run_dir: pathlib.Path) -> None:
-  """Sets aside a ckpt/<step> that is not a folder (a plain file, a symlink loop or to
-  nothing): Orbax lists no step there, so a save of that step would delete it silently,
-  or fail on it with tracebacks and leave its temporary folder behind. Training's alone."""
+  """Sets aside a ckpt/<step> that is not a folder of its own (a plain file, a symlink):
+  Orbax lists no step at a file or a broken link, so a save of that step would delete it
+  silently or fail on it with tracebacks; through a link to a folder, training would
+  restore, prune and delete someone else's files. Training's alone."""
   ckpt = pathlib.Path(run_dir) / "ckpt"
   if jax.process_index() != 0 or not ckpt.is_dir():
     return
   for p in sorted(ckpt.iterdir()):
-    if not p.name.isdigit() or p.is_dir():  # is_dir follows a link; False for a loop
+    if not p.name.isdigit() or (p.is_dir() and not p.is_symlink()):
       continue
     try:
       os.stat(p)
-      what = "is not a folder"
+      what = "is a symlink" if p.is_symlink() else "is not a folder"
     except OSError as e:  # ELOOP, ENOENT for a symlink to nothing
       what = f"is a symlink that cannot be followed ({e.strerror or e})"
     _set_aside(run_dir, int(p.name), f"checkpoint step {p.name} in {ckpt} {what}",
@@ -354,11 +356,13 @@ def _restore_step(run_dir: pathlib.Path, step: int, abstract: dict) -> dict:
 
 def _being_trained(run_dir: pathlib.Path) -> bool:
   """Whether a training process holds the run's lock (probed with a shared lock)."""
-  try:
-    fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  try:  # non-blocking: a FIFO planted as .lock must not hang a reader
+    fd = os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
   except OSError:
     return False
   try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      return True  # not a lock training made: touch nothing
     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     fcntl.flock(fd, fcntl.LOCK_UN)
     return False
@@ -421,6 +425,8 @@ def restore_newest(run_dir: pathlib.Path, abstract: dict, step: Optional[int] = 
   training holds the run."""
   if step is not None:
     return step, _restore_step(run_dir, step, abstract)
+  if holding_lock:  # before the listing: a step linked from elsewhere is not this run's
+    set_aside_non_folders(run_dir)
   found = _newest(run_dir, lambda s: _restore_step(run_dir, s, abstract), holding_lock)
   if found is None:
     raise UserError(f"{run_dir} holds no checkpoints yet")

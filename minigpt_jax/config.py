@@ -32,7 +32,7 @@ def base_config() -> ConfigDict:
   c.model.vocab_pad_multiple = 128  # LM head width rounded up to this (GPU-friendly); 1 = none
   c.model.compute_dtype = "auto"  # "auto": bfloat16 on GPU/TPU, float32 on CPU; params stay float32
   c.model.attention_impl = "auto"  # "auto": cuDNN flash on GPU with 16-bit compute, else "xla"
-  c.model.tie_embeddings = False  # True: the LM head is the token embedding (no lm_head)
+  c.model.tie_embeddings = False  # True: the LM head is the token embedding (not padded)
 
   c.train = ConfigDict()
   c.train.steps = 10_000
@@ -41,6 +41,7 @@ def base_config() -> ConfigDict:
   c.train.warmup_steps = 200
   c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
   c.train.weight_decay = 0.1  # applied to matmul kernels only
+  c.train.decay_embeddings = False  # True: to the token and position embeddings too
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global-norm clip

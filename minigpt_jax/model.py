@@ -343,5 +343,6 @@ def param_count(params) -> int:
 def flops_per_token(cfg: ModelConfig) -> float:
   """Training FLOPs per token: 6 * (non-embedding matmul params incl. LM head) + 12 * L * D * T."""
   per_layer = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff
-  matmul = cfg.n_layers * per_layer + cfg.d_model * cfg.padded_vocab
+  head = cfg.vocab_size if cfg.tie_embeddings else cfg.padded_vocab  # a tied head is not padded
+  matmul = cfg.n_layers * per_layer + cfg.d_model * head
   return 6.0 * matmul + 12.0 * cfg.n_layers * cfg.d_model * cfg.context_len

@@ -93,7 +93,8 @@ def prepare_corpus(config, run_dir: pathlib.Path, say):
 # The model fields a fine-tune must share with its source: they fix the parameters' shapes
 # and what they mean (n_heads splits the same kernels into heads). The compute dtype and the
 # attention kernel may change: parameters are float32 either way.
-SAME_AS_SOURCE = ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple")
+SAME_AS_SOURCE = ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple",
+                  "tie_embeddings")
 
 
 def finetune_source(config) -> tuple[pathlib.Path, int]:
@@ -106,6 +107,7 @@ def finetune_source(config) -> tuple[pathlib.Path, int]:
     saved = runs.read_config(src_dir).model
   except UserError as e:
     raise UserError(f"cannot fine-tune from {config.init_from}: {e}") from None
+  saved = {"tie_embeddings": False, **saved}  # a source saved before the field existed
   for name in SAME_AS_SOURCE:
     if saved.get(name) != config.model[name]:
       raise UserError(f"cannot fine-tune from {src_dir} step {step}: model.{name} is "

@@ -23,9 +23,11 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def decay_mask(params):
-  """Weight decay on matmul kernels only; not on biases, norms or embeddings."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+def decay_mask(params, embeddings: bool = False):
+  """Weight decay on matmul kernels, and on the embeddings with `embeddings` (as nanoGPT
+  decays every matrix); never on biases or norms."""
+  decayed = ("kernel", "embedding") if embeddings else ("kernel",)
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in decayed, params)
 
 
 def lr_schedule(train_cfg) -> optax.Schedule:
@@ -39,7 +41,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                  weight_decay=train_cfg.weight_decay, mask=decay_mask))
+                  weight_decay=train_cfg.weight_decay,
+                  mask=functools.partial(decay_mask, embeddings=train_cfg.decay_embeddings)))
 
 
 def summed_nats(params, cfg: ModelConfig, inputs_BT, targets_BT, weights_BT):

@@ -126,6 +126,13 @@ def test_a_model_that_differs_from_the_source_is_refused_before_any_work(
   assert tree_sha256(source) == before
 
 
+
+def test_a_finetune_keeps_the_sources_head_tied_or_untied(tiny_config, source):
+  """Tying removes the LM head's parameters: named, not an Orbax tree mismatch."""
+  tiny_config.init_from, tiny_config.model.tie_embeddings = str(source), True
+  with pytest.raises(UserError, match="model.tie_embeddings is True here but False"):
+    train_loop.finetune_source(tiny_config)
+
 def test_the_source_tokenizer_must_match(tmp_path, corpus_dir, source):
   other = tmp_path / "other_tokenizer"
   shutil.copytree(source, other)

@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -151,8 +152,9 @@ def test_a_shape_mismatch_is_not_mistaken_for_damage(run):
   saved = json.loads((run_dir / "config.json").read_text())
   saved["model"]["d_ff"] = 128
   (run_dir / "config.json").write_text(json.dumps(saved))
-  with pytest.raises(UserError, match="step 20"):
+  with pytest.raises(UserError, match="step 20") as e:
     runs.load_for_inference(str(run_dir))
+  assert "damaged" not in str(e.value) and "checksum" not in str(e.value)
   assert steps_of(run_dir) == [10, 20]
 
 
@@ -614,6 +616,33 @@ def test_a_step_that_is_a_symlink_loop_is_set_aside_before_training_saves_over_i
   assert steps_of(run_dir) == [10, 20]
   assert not list((run_dir / "ckpt").glob("*orbax-checkpoint-tmp*"))
 
+
+
+def test_a_step_that_is_a_symlink_to_a_folder_is_set_aside_and_its_target_untouched(
+    run, tmp_path, caplog):
+  """Through the link training would restore someone else's step, and later prune it."""
+  c, run_dir = run
+  elsewhere = tmp_path / "someone_elses_step"
+  shutil.move(run_dir / "ckpt" / "20", elsewhere)
+  (run_dir / "ckpt" / "20").symlink_to(elsewhere)
+  before = sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*"))
+  c.train.stop_at_step = 10
+  with caplog.at_level(logging.WARNING):
+    assert train_loop.train(c, log=quiet).first_step == 10
+  (line,) = damage_warnings(caplog)
+  assert "step 20" in line and "is a symlink" in line and "20.damaged" in line
+  assert sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*")) == before
+
+
+def test_a_fifo_planted_as_the_lock_does_not_hang_a_reader(tmp_path):
+  """Readers probe the lock before setting a damaged step aside; a FIFO counts as held."""
+  os.mkfifo(tmp_path / ".lock")
+  answer = []
+  probe = threading.Thread(target=lambda: answer.append(checkpoints._being_trained(tmp_path)),
+                           daemon=True)
+  probe.start()
+  probe.join(timeout=10)
+  assert answer == [True]
 
 def test_a_plain_file_at_a_step_is_set_aside_not_deleted_by_the_next_save(run, caplog):
   c, run_dir = run

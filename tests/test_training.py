@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from minigpt_jax import checkpoints, hardware, runs, train_loop, train_step
+from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
 from helpers import model_config
 from minigpt_jax.model import init_params
@@ -63,13 +64,31 @@ def test_bfloat16_training_follows_float32(tiny_config):
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
-def test_weight_decay_only_on_kernels():
+def test_weight_decay_on_kernels_and_with_decay_embeddings_on_the_embeddings():
   cfg = model_config(context_len=8, d_model=16, n_layers=1, n_heads=2)
   mask = train_step.decay_mask(init_params(cfg, jax.random.key(0)))
   assert mask["block_0"]["attn"]["qkv"]["kernel"] and mask["lm_head"]["kernel"]
   assert mask["block_0"]["ffn"]["up"]["kernel"]
   assert not mask["block_0"]["attn"]["qkv"]["bias"] and not mask["block_0"]["ln1"]["scale"]
   assert not mask["embed"]["token"]["embedding"] and not mask["embed"]["position"]["embedding"]
+  mask = train_step.decay_mask(init_params(cfg, jax.random.key(0)), embeddings=True)
+  assert mask["embed"]["token"]["embedding"] and mask["embed"]["position"]["embedding"]
+  assert mask["lm_head"]["kernel"] and not mask["block_0"]["ln1"]["scale"]
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_the_optimizer_decays_the_embeddings_as_train_decay_embeddings_says(decay_embeddings):
+  """One update with zero gradients: only weight decay moves a parameter."""
+  cfg = model_config(context_len=8, d_model=16, n_layers=1, n_heads=2)
+  train = base_config().train
+  train.warmup_steps, train.decay_embeddings = 0, decay_embeddings
+  params = init_params(cfg, jax.random.key(0))
+  tx = train_step.make_optimizer(train)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = lambda x: bool(jnp.any(x != 0))
+  assert moved(updates["embed"]["token"]["embedding"]) == decay_embeddings
+  assert moved(updates["embed"]["position"]["embedding"]) == decay_embeddings
+  assert moved(updates["lm_head"]["kernel"]) and not moved(updates["block_0"]["ln1"]["scale"])
 
 
 def test_checkpoint_round_trip(tmp_path):
