@@ -187,10 +187,13 @@ def test_processes_agree_on_stopping_at_the_period_steps(monkeypatch):
 
 def run_interrupted(patch: str, *args: str, timeout: int = 120):
   """`run_patched`'s command with Ctrl-C's default handling (a shell starts background jobs,
-  and so maybe these tests, with SIGINT ignored, which their children would inherit)."""
+  and so maybe these tests, with SIGINT ignored, which their children would inherit), and
+  without the test run's compilation cache: a compile it has seen would not be one."""
   code = (f"{patch}\nimport runpy\n"
           "runpy.run_module('minigpt_jax.train', run_name='__main__', alter_sys=True)\n")
-  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_env(),
+  env = {k: v for k, v in _env().items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout,
                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
