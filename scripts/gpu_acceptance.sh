@@ -7,7 +7,7 @@
 #   levers    scripts/bench_levers.sh: one benchmark per lever, and their table
 #   train     TRAIN_SECONDS (300 by default, corpus build and compile included) of
 #             full-config training, stopped by SIGTERM (which saves a checkpoint), then
-#             `evaluate` of the step it reached
+#             `evaluate` of the step it reached; no checkpoint by then fails the stage
 # Every stage starts with scripts/gpu_backend_check.py: when JAX did not load its GPU
 # backend (it falls back to the CPU) the stage stops at once with one line naming what JAX
 # found, exit status 1. Runs from any directory; BENCHMARKS.md ("GPU") lists what each
@@ -16,9 +16,11 @@
 #   [CONFIG=configs/full.py] [TRAIN_SECONDS=300] scripts/gpu_acceptance.sh [--dry_run] STAGE OUT_DIR
 #
 # --dry_run runs the stage's commands on any machine, a CPU is enough, in seconds: the tiny
-# config (CONFIG is ignored) with the least work the flags allow, and the backend check's
-# failure, expected without a GPU, reported and passed over. It checks the commands, their
-# flags, the paths and the exit statuses, not the figures.
+# config (CONFIG is ignored) with the least work the flags allow, training stopped by the
+# same SIGTERM after DRY_TRAIN_SECONDS (45 by default: about three times the tiny run's
+# corpus build and compile on a busy 2-core CPU), and the backend check's failure, expected
+# without a GPU, reported and passed over. It checks the commands, their flags, the paths
+# and the exit statuses, not the figures.
 set -uo pipefail
 usage="usage: [CONFIG=configs/full.py] [TRAIN_SECONDS=300] scripts/gpu_acceptance.sh [--dry_run] headline|levers|train OUT_DIR"
 dry=0
@@ -86,26 +88,34 @@ levers)
   [[ -f $out/levers.md ]] && cat "$out/levers.md" >&2
   ;;
 train)
-  seconds=${TRAIN_SECONDS:-300}
+  seconds=${TRAIN_SECONDS:-300} seconds_name=TRAIN_SECONDS
   train=(--config "$config" --workdir "$out/runs" --config.run_name=acceptance
          --config.train.eval_every=500 --config.train.ckpt_every=500)
   evaluate=(--checkpoint "$out/runs/acceptance" --num_samples 64 --json_out "$out/eval.json")
-  if (( dry )); then
-    seconds=120
-    train+=(--config.data.dir="$out/data" --config.train.steps=4 --config.sample.num_samples=1)
+  if (( dry )); then  # more steps than it has time for: stopped by SIGTERM too
+    seconds=${DRY_TRAIN_SECONDS:-45} seconds_name=DRY_TRAIN_SECONDS
+    train+=(--config.data.dir="$out/data" --config.train.steps=1000000
+            --config.sample.num_samples=1)
     evaluate+=(--num_samples 2 --max_new_tokens 8)
   fi
   # Stopped by time, not by step count: SIGTERM saves a checkpoint at the step reached (the
-  # run may also finish first), and `evaluate` then scores it.
+  # run may also finish first), and `evaluate` then scores it. A SIGTERM before the first
+  # step (the corpus build and the compile took all the time) saves nothing: a failure.
   step "train for $seconds s"
   timeout --signal=TERM "$seconds" $python -m minigpt_jax.train "${train[@]}" > "$out/train.log" 2>&1
   check train $? 124  # 124: stopped by the timeout
   tail -n 3 "$out/train.log" >&2
 
-  step "evaluate"
-  $python -m minigpt_jax.evaluate "${evaluate[@]}" > "$out/eval.txt" 2>&1
-  check evaluate $?
-  tail -n 12 "$out/eval.txt" >&2
+  if ! ls "$out/runs/acceptance/ckpt" 2> /dev/null | grep -qx '[0-9][0-9]*'; then
+    echo "== $stage: train failed: no checkpoint was written in $seconds s (the corpus build" \
+         "and the compile are in them); raise $seconds_name" >&2
+    failed+=("train (no checkpoint)")
+  else
+    step "evaluate"
+    $python -m minigpt_jax.evaluate "${evaluate[@]}" > "$out/eval.txt" 2>&1
+    check evaluate $?
+    tail -n 12 "$out/eval.txt" >&2
+  fi
   ;;
 esac
 

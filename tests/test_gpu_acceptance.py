@@ -1,6 +1,7 @@
 """scripts/gpu_acceptance.sh on a CPU-only machine: each stage stops at once, with one line,
 without a GPU backend; each stage's dry run runs its commands (tiny config) and exits 0;
-a failed step makes its stage exit non-zero."""
+a failed step makes its stage exit non-zero, and so does a train stage whose time ran
+out before its first checkpoint."""
 
 import json
 import os
@@ -65,9 +66,20 @@ def test_the_dry_run_of_each_stage_runs_its_commands(tmp_path, stage):
                   "decode_unsegmented", "decode_unroll4", "decode_unroll16",
                   "no_command_buffers"):
       assert f"| {lever} |" in table and (out / f"{lever}.json").exists()
-  else:
-    assert "done: step 4" in (out / "train.log").read_text()
-    assert json.loads((out / "eval.json").read_text())["step"] == 4
+  else:  # stopped by the timeout's SIGTERM, as the real stage is, which saved a checkpoint
+    saved = re.search(r"preempted \(SIGTERM\) at step (\d+): checkpoint saved",
+                      (out / "train.log").read_text())
+    assert saved, (out / "train.log").read_text()[-3000:]
+    assert json.loads((out / "eval.json").read_text())["step"] == int(saved[1])
+
+
+def test_a_train_stage_stopped_before_its_first_checkpoint_fails(tmp_path):
+  """The time ran out in the corpus build or the compile: said, and nothing to evaluate."""
+  proc = acceptance("--dry_run", "train", "out", cwd=tmp_path, DRY_TRAIN_SECONDS="1")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "train: train failed: no checkpoint was written in 1 s" in proc.stderr
+  assert "raise DRY_TRAIN_SECONDS" in proc.stderr and "FAILED: train (no checkpoint)" in proc.stderr
+  assert not (tmp_path / "out" / "train" / "eval.txt").exists()
 
 
 def test_a_failed_step_fails_its_stage(tmp_path):
