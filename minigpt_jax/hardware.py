@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from minigpt_jax.errors import UserError, first_line
 from minigpt_jax.model import ModelConfig, attend, attention_mask
 
-# device_kind substring -> dense bf16 peak (FLOP/s), from NVIDIA's data sheets; first match
-# wins, so the PCIe H100 (a lower clock) comes before the SXM one.
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
+# device_kind substring -> dense bf16 peak (FLOP/s), from NVIDIA's data sheets (which print
+# twice these, "with sparsity"); first match wins, so the NVL and PCIe cards (lower clocks
+# and power) come before the SXM ones of the same name.
+PEAK_BF16 = (("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12),
+             ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8  # glibc's malloc.h
 # Bytes: the largest scratch buffer a heap that keeps freed memory serves; a choice between

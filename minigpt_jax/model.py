@@ -341,7 +341,9 @@ def param_count(params) -> int:
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
-  """Training FLOPs per token: 6 * (non-embedding matmul params incl. LM head) + 12 * L * D * T."""
+  """Training FLOPs per token: 6 * (non-embedding matmul params incl. LM head) + 12 * L * D * T,
+  the attention term counted whole, as PaLM's MFU does, though causal attention (cuDNN's
+  flash kernel, `causal_attention`) skips the masked half of it."""
   per_layer = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff
   head = cfg.vocab_size if cfg.tie_embeddings else cfg.padded_vocab  # a tied head is not padded
   matmul = cfg.n_layers * per_layer + cfg.d_model * head

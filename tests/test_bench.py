@@ -38,7 +38,8 @@ def test_rate_is_count_over_median_seconds():
 
 
 @pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
-                                        ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA H200 NVL", 835e12),
                                         ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None),
                                         ("TPU v5 lite", None)])
 def test_peak_flops_table(kind, peak):
