@@ -439,30 +439,23 @@ def test_a_really_full_disk_is_one_error_line_and_keeps_the_last_checkpoint(tmp_
 
 # --- out of memory --------------------------------------------------------------------------
 
-def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monkeypatch):
+@pytest.mark.parametrize("message, reported", [
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 80.00GiB.",
+     r"out of memory.*train\.batch_size"),
+    # XLA:CPU reports a failed allocation as INTERNAL, not RESOURCE_EXHAUSTED.
+    ("INTERNAL: Failed to allocate: Out of memory allocating 85899345920 bytes.",
+     r"out of memory \(INTERNAL.*\); lower train\.batch_size"),
+], ids=["gpu", "cpu"])
+def test_out_of_memory_in_the_train_step_names_the_batch_size(tiny_config, monkeypatch,
+                                                              message, reported):
   def huge(*_, **__):
     def step(state, train_N):
-      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
-                                       "allocate 80.00GiB.")
+      raise jax.errors.JaxRuntimeError(message)
     return step
 
   monkeypatch.setattr(train_step, "compile_train_step", huge)
   tiny_config.sample.num_samples = 0
-  with pytest.raises(UserError, match=r"out of memory.*train\.batch_size"):
-    train_loop.train(tiny_config, log=quiet)
-
-
-def test_out_of_memory_on_the_cpu_names_the_batch_size(tiny_config, monkeypatch):
-  """XLA:CPU reports a failed allocation as INTERNAL, not RESOURCE_EXHAUSTED."""
-  def huge(*_, **__):
-    def step(state, train_N):
-      raise jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate: Out of memory "
-                                       "allocating 85899345920 bytes.")
-    return step
-
-  monkeypatch.setattr(train_step, "compile_train_step", huge)
-  tiny_config.sample.num_samples = 0
-  with pytest.raises(UserError, match=r"out of memory \(INTERNAL.*\); lower train\.batch_size"):
+  with pytest.raises(UserError, match=reported):
     train_loop.train(tiny_config, log=quiet)
 
 
