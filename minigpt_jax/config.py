@@ -155,8 +155,11 @@ def validate(c: ConfigDict) -> None:
       raise UserError(f"train.{name} must be {rule}, got {t[name]!r}")
   if not 0 < c.data.val_fraction < 1:
     raise UserError(f"data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
-  if not c.sample.temperature > 0 or not 0 < c.sample.top_p <= 1 or c.sample.top_k < 0:
-    raise UserError("sample.temperature must be > 0, sample.top_p in (0, 1], sample.top_k >= 0")
+  from minigpt_jax.generate import SamplingConfig  # which checks the sampling settings
+  try:
+    SamplingConfig(temperature=c.sample.temperature, top_k=c.sample.top_k, top_p=c.sample.top_p)
+  except UserError as e:
+    raise UserError(f"sample.{e}") from None
   if c.sample.num_samples < 0 or c.sample.max_new_tokens < 1:
     raise UserError("sample.num_samples must be >= 0 and sample.max_new_tokens >= 1")
   if c.sample.num_samples and len(c.sample.prompt) + 1 > c.model.context_len:

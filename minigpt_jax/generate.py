@@ -1,13 +1,11 @@
 """Generation, top to bottom: pad the prompts, prefill a KV cache with them, decode with
-`lax.scan`s a chunk at a time, picking each token from the logits on the device; a sample
-longer than the context goes on from its most recent characters. (`reference.py` holds
-the uncached decode the cache is tested against.)
+`lax.scan`s a chunk at a time, picking each token on the device. (`reference.py` holds the
+uncached decode the cache is tested against.)
 
-The window rule, which both paths follow: a row's model input is all of its tokens (start
-marker, prompt, new tokens) while they fit the context. The token that would overflow it
-starts the window anew: the row keeps its last `keep` tokens, at positions 0.., and grows
-again until the context is full (`window_len`). Each row follows the rule on its own, so a
-row's text does not depend on the others in its batch.
+The window rule, which both follow: a row's model input is all of its tokens (start marker,
+prompt, new tokens) while they fit the context; the token that would overflow it starts
+the window anew from the row's last `keep` tokens, at positions 0.. (`window_len`). Each
+row follows the rule on its own, so its text does not depend on the rest of the batch.
 
 Prompts are left-padded to P slots (`prompts.pad_prompts`), so every row writes the same
 cache slot at each step; `KVCache.start_B` masks each row's padding.
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, ModelConfig
 from minigpt_jax.prompts import left_pad, pad_prompts
 from minigpt_jax.tokenizer import EOS_ID, PAD_ID, CharTokenizer
@@ -53,31 +52,21 @@ def window_len(n_B, context_len: int, keep: int, xp=np):
 
 
 def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
-                  max_new_tokens: int, sampling: SamplingConfig, seed: int = 0,
-                  use_cache: bool = True, stop_at_eos: bool = True) -> list[str]:
-  """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`)."""
-  ids = [tok.encode(p) for p in prompts]
-  new_BG = generate_tokens(params, cfg, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           seed=seed, use_cache=use_cache, stop_at_eos=stop_at_eos)
+                  stop_at_eos: bool = True, use_cache: bool = True, **options) -> list[str]:
+  """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`).
+  `options`: `decode`'s; `use_cache=False` runs the uncached reference instead."""
+  from minigpt_jax import reference  # which imports this module
+  tokens_fn = generate_tokens if use_cache else reference.generate_tokens
+  new_BG = tokens_fn(params, cfg, [tok.encode(p) for p in prompts], stop_at_eos=stop_at_eos,
+                     **options)
   return [tok.decode(row, stop_at_eos=stop_at_eos) for row in new_BG]
 
 
 def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_tokens: int,
-                    sampling: SamplingConfig, seed: int = 0, use_cache: bool = True,
-                    stop_at_eos: bool = True, keep: int | None = None,
-                    **decode_options) -> np.ndarray:
-  """Continues each encoded prompt. Returns new token ids [len(prompts), max_new_tokens];
-  a row that has ended (`stop_at_eos`) is `<pad>` after its `<eos>`.
-
-  `keep`: the window rule's (default `window_keep`); `decode_options`: `decode`'s.
-  """
-  if not use_cache:
-    from minigpt_jax import reference  # which imports this module
-    return reference.generate_tokens(params, cfg, prompts, max_new_tokens=max_new_tokens,
-                                     sampling=sampling, seed=seed, stop_at_eos=stop_at_eos,
-                                     keep=keep)
-  chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                       seed=seed, stop_at_eos=stop_at_eos, keep=keep, **decode_options))
+                    **options) -> np.ndarray:
+  """Continues each encoded prompt (`options`: `decode`'s). Returns new token ids
+  [len(prompts), max_new_tokens]; a row that has ended is `<pad>` after its `<eos>`."""
+  chunks = list(decode(params, cfg, prompts, max_new_tokens=max_new_tokens, **options))
   new_BG = np.concatenate(chunks, axis=1)  # shorter if every row ended early
   return np.pad(new_BG, [(0, 0), (0, max_new_tokens - new_BG.shape[1])], constant_values=PAD_ID)
 
@@ -85,8 +74,6 @@ def generate_tokens(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_
 def compute_params(params, cfg: ModelConfig):
   """`params` in the compute dtype: cast once, not in every decode step (half the weight
   reads under 16-bit compute)."""
-  if cfg.dtype == jnp.float32:
-    return params
   return jax.tree.map(lambda x: x.astype(cfg.dtype), params)
 
 # --- the cached path: prefill, then decode -------------------------------------------------------
@@ -97,17 +84,12 @@ def decode(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_token
            unroll: int = DECODE_UNROLL, fill_context: bool = False) -> Iterator[np.ndarray]:
   """The one decode loop, for plain, streamed and interactive output. Yields each row's
   new tokens [B, n] as they are made: each pass's first token alone (from its prefill),
-  then up to `chunk` at a time (0: a cache segment at a time); all `max_new_tokens` in
-  all, or fewer once every row has ended (with `stop_at_eos`).
-
-  The device decodes the next chunk while the host handles this one. `fill_context`:
-  see `pad_prompts`.
-  """
-  keep = window_keep(cfg.context_len, keep)
-  params = compute_params(params, cfg)
+  then up to `chunk` at a time (0: a cache segment at a time); `max_new_tokens` in all, or
+  fewer once every row has ended (`stop_at_eos`). `fill_context`: see `pad_prompts`."""
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len, fill_context)
-  chunks = _dispatch(params, cfg, tokens_BP, start_B, jax.random.key(seed), max_new_tokens,
-                     sampling, stop_at_eos, keep, chunk, segment, unroll)
+  chunks = _dispatch(compute_params(params, cfg), cfg, tokens_BP, start_B, jax.random.key(seed),
+                     max_new_tokens, sampling, stop_at_eos, window_keep(cfg.context_len, keep),
+                     chunk, segment, unroll)
   for new_BC, done_B in _one_ahead(chunks):
     yield np.asarray(new_BC)  # waits for this chunk only: the next is already dispatched
     if stop_at_eos and np.asarray(done_B).all():
@@ -118,10 +100,8 @@ def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarr
               key: jax.Array, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
               keep: int, chunk: int, segment: int, unroll: int):
   """Dispatches `decode`'s work; yields (tokens on the device [B, n], done [B]) per chunk.
-
-  Each pass prefills the rows' windows and decodes until the fullest row's window holds
-  the whole context; the next pass lays out every row's window anew by the window rule.
-  """
+  Each pass prefills the rows' windows and decodes until the fullest holds the context;
+  the next lays out every row's window anew by the window rule."""
   done_B, t = jnp.zeros(len(start_B), bool), 0
   rows = [r[s:] for r, s in zip(tokens_BP, start_B)]  # each row's tokens so far
   lens_B = np.array([len(r) for r in rows])  # of which the window holds the last lens_B
@@ -170,13 +150,9 @@ def prefill(params, cfg: ModelConfig, tokens_BP: jax.Array, cache: KVCache, key:
 
 def decode_plan(slots: int, calls: int, segment: int, chunk: int = 0) -> list[tuple[int, int]]:
   """The decode loop's scans, as (cache slots, model calls); model call i writes slot
-  `slots + i`.
-
-  The cache grows to the next multiple of `segment` at a time (the last time to exactly
-  what it needs), so early calls attend over a short cache rather than the whole context;
-  `segment` <= 0: one size. Each size's calls run as scans of `chunk` (0: one scan), the
-  remainder last.
-  """
+  `slots + i`. The cache grows to the next multiple of `segment` at a time (the last time
+  to what it needs; `segment` <= 0: one size), so early calls attend over a short cache.
+  Each size's calls run as scans of `chunk` (0: one scan), the remainder last."""
   end = slots + calls
   caps = [*range((slots // segment + 1) * segment, end, segment), end] if segment > 0 else [end]
   plan = []
@@ -192,12 +168,9 @@ def decode_plan(slots: int, calls: int, segment: int, chunk: int = 0) -> list[tu
 def decode_scan(params, cfg: ModelConfig, cache: KVCache, tok_B: jax.Array, done_B: jax.Array,
                 key: jax.Array, t, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
                 unroll: int = DECODE_UNROLL):
-  """`steps` model calls, each on the token before it, picking tokens t .. t + steps - 1.
-  `t` is traced: one compile serves every chunk of this length on a cache of this size.
-
-  A row that has produced `<eos>` (with `stop_at_eos`) produces `<pad>` after it.
-  Returns (cache, the last token [B], done [B], the tokens [B, steps]).
-  """
+  """`steps` model calls, each on the token before it, picking tokens t .. t + steps - 1
+  (`t` is traced: one compile per chunk length and cache size). Returns (cache, the last
+  token [B], done [B], the tokens [B, steps])."""
   model = MiniGPT(cfg)
 
   def step(carry, t):
@@ -215,9 +188,8 @@ def decode_scan(params, cfg: ModelConfig, cache: KVCache, tok_B: jax.Array, done
 
 def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
                sampling: SamplingConfig, stop_at_eos: bool):
-  """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done.
-
-  Both decode paths call this, so they pick alike. Returns (tokens [B], done [B])."""
+  """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done
+  (at `<eos>`, with `stop_at_eos`); both decode paths pick here. Returns (tokens, done)."""
   tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
   tok_B = jnp.where(done_B, PAD_ID, tok_B)
   if stop_at_eos:
@@ -227,21 +199,21 @@ def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How to pick tokens. Hashable: it is a static argument of the jitted decode loop.
-  The defaults are the plain softmax; what users get by default is `config.sample`."""
+  """How to pick tokens (hashable: a static argument of the jitted decode). The defaults
+  are the plain softmax; what users get by default is `config.sample`."""
 
   temperature: float = 1.0
   top_k: int = 0  # keep the k most likely tokens; 0 = off
   top_p: float = 1.0  # keep the smallest set with probability >= p; 1.0 = off
   greedy: bool = False  # argmax; the other fields are ignored
 
-  def __post_init__(self):
+  def __post_init__(self):  # where every sampling setting is checked (flags, config)
     if not self.greedy and not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
+      raise UserError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
     if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+      raise UserError(f"top_k must be >= 0, got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:

@@ -12,22 +12,15 @@ MIN_BUCKET = 16
 def bucket(n: int, limit: int) -> int:
   """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`: prompts of
   new lengths then rarely compile a new prefill."""
-  b = MIN_BUCKET
-  while b < n:
-    b *= 2
-  return max(n, min(b, limit))
+  return max(n, min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), limit))
 
 
 def pad_prompts(prompts: list[np.ndarray], max_new_tokens: int, context_len: int,
                 fill_context: bool = False):
-  """Encoded prompts, each led by `<eos>`, left-padded to a shared bucket length P.
-
-  P leaves room for all `max_new_tokens` in the context where it can. `fill_context`
-  pads to all the slots the new tokens leave, whatever the prompts' lengths, so that
-  prompts of every length share one compile (when the request fits the context).
-  Returns (tokens_BP int32, start_B int32: the slot of each row's marker).
-  Raises UserError if there is no prompt, or a prompt does not fit the context.
-  """
+  """Encoded prompts, each led by `<eos>`, left-padded to a shared bucket length P that
+  leaves room for all `max_new_tokens` in the context where it can. `fill_context` pads to
+  all the slots the new tokens leave, so that prompts of every length share one compile.
+  Returns (tokens_BP int32, start_B int32: the slot of each row's marker)."""
   if not prompts:
     raise UserError("no prompt to continue: give at least one")
   if max_new_tokens < 1:

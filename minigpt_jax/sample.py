@@ -12,7 +12,6 @@ from absl import flags
 
 from minigpt_jax import cli, errors
 from minigpt_jax.config import base_config
-from minigpt_jax.errors import UserError
 
 _DEFAULT = base_config().sample  # temperature, top-k, top-p: the default training and evaluate use
 _CKPT = flags.DEFINE_string("checkpoint", None, "Run directory (latest step), or its ckpt/<step>; "
@@ -27,14 +26,14 @@ _TEMP = flags.DEFINE_float("temperature", _DEFAULT.temperature, "Softmax tempera
 _TOP_K = flags.DEFINE_integer("top_k", _DEFAULT.top_k, "Keep the k most likely characters; 0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", _DEFAULT.top_p, "Nucleus sampling mass; 1.0 = off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: same seed and flags, same text.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_NUM = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", lower_bound=1)
 _GREEDY = flags.DEFINE_bool("greedy", False, "Always take the most likely character.")
 _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Rerun the full forward pass each step (reference).")
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "End a sample at <eos> (end of file).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: auto).")
-_STREAM = flags.DEFINE_bool("stream", False, "Print the characters as they are produced (the same "
-                            "text; several samples are printed one after another).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the text 16 characters at a time (default: "
+                            "a cache segment at a time; the same text either way).")
 _INTERACTIVE = flags.DEFINE_bool(
     "interactive", False, "Read prompts from stdin and stream each continuation: a line ending "
     "in \\ continues the prompt; an empty line or Ctrl-D exits. --max_new_tokens defaults to "
@@ -47,43 +46,36 @@ def read_prompts() -> list[str]:
     try:
       prompts.append(pathlib.Path(_PROMPT_FILE.value).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-      raise UserError(f"cannot read --prompt_file: {e}")
+      raise errors.UserError(f"cannot read --prompt_file: {e}")
   return prompts or ["def "]
 
 
 def check_streaming_flags() -> None:
   mode = "--interactive" if _INTERACTIVE.value else "--stream" if _STREAM.value else None
   if mode and _JSON.value:
-    raise UserError(f"{mode} prints text as it is produced; drop --json")
+    raise errors.UserError(f"{mode} prints text as it is produced; drop --json")
   if mode and _NO_CACHE.value:
-    raise UserError(f"{mode} decodes with the KV cache; drop --no_cache")
-  if _INTERACTIVE.value and (_PROMPT.value or _PROMPT_FILE.value):
-    raise UserError("--interactive reads its prompts from stdin; drop --prompt and --prompt_file")
-  if _INTERACTIVE.value and _NUM.value != 1:
-    raise UserError("--interactive answers each prompt once; drop --num_samples")
+    raise errors.UserError(f"{mode} decodes with the KV cache; drop --no_cache")
+  if _INTERACTIVE.value and (_PROMPT.value or _PROMPT_FILE.value or _NUM.value != 1):
+    raise errors.UserError("--interactive reads each prompt from stdin and answers it once; "
+                           "drop --prompt, --prompt_file and --num_samples")
 
 
 def main(_):
-  if _NUM.value < 1:
-    raise UserError(f"--num_samples must be >= 1, got {_NUM.value}")
   cli.check_seed(_SEED.value)
   check_streaming_flags()
   prompts = read_prompts()
-  # after flag parsing: fast --help
-  from minigpt_jax import generate, interactive, runs
-  try:
-    sampling = generate.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
-                                       top_p=_TOP_P.value, greedy=_GREEDY.value)
-  except ValueError as e:
-    raise UserError(str(e))
+  from minigpt_jax import generate, interactive, runs  # after flag parsing: fast --help
+  sampling = generate.SamplingConfig(temperature=_TEMP.value, top_k=_TOP_K.value,
+                                     top_p=_TOP_P.value, greedy=_GREEDY.value)
   path = _CKPT.value or runs.most_recent()
   if not _CKPT.value:
     print(f"[sampling from {path}]", file=sys.stderr)
   run = runs.load_for_inference(path, _STEP.value, _DTYPE.value)
   max_new = _MAX_NEW.value
-  if _INTERACTIVE.value and not flags.FLAGS["max_new_tokens"].present:
-    max_new = max(1, run.model_cfg.context_len // 2)  # prompts of any length: one compile
-  if _INTERACTIVE.value:
+  if _INTERACTIVE.value:  # by default half the context: prompts of any length, one compile
+    if not flags.FLAGS["max_new_tokens"].present:
+      max_new = max(1, run.model_cfg.context_len // 2)
     with errors.out_of_memory_names("--max_new_tokens"):
       interactive.loop(run, max_new_tokens=max_new, sampling=sampling, seed=_SEED.value,
                        stop_at_eos=_STOP.value, tty=sys.stdin.isatty())
@@ -91,16 +83,19 @@ def main(_):
   rows = [p for p in prompts for _ in range(_NUM.value)]
   t0 = time.perf_counter()
   with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
-    if _STREAM.value:
-      pieces = interactive.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
-                                       max_new_tokens=max_new, sampling=sampling,
-                                       seed=_SEED.value, stop_at_eos=_STOP.value)
-      texts = interactive.write_stream(pieces, rows, _NUM.value)
-    else:
+    if _JSON.value or _NO_CACHE.value:
       texts = generate.generate_text(
           run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new,
           sampling=sampling, seed=_SEED.value, use_cache=not _NO_CACHE.value,
           stop_at_eos=_STOP.value)
+      pieces = enumerate(texts)
+    else:  # printed as it is made: a cache segment at a time, or --stream's short chunks
+      pieces = interactive.stream_text(
+          run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new,
+          sampling=sampling, seed=_SEED.value, stop_at_eos=_STOP.value,
+          chunk=interactive.STREAM_CHUNK if _STREAM.value else 0)
+    if not _JSON.value:
+      texts = interactive.write_stream(pieces, rows, _NUM.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
     print(json.dumps({"checkpoint": path, "step": run.step, "seed": _SEED.value,
@@ -108,14 +103,8 @@ def main(_):
                       "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                                   for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
-  # streamed texts are on the screen already
-  for i, (p, t) in enumerate(zip(rows, [] if _STREAM.value else texts)):
-    if len(rows) > 1:
-      print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
-    sys.stdout.write(p + t + "\n")
   print(f"[step {run.step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
-
 
 if __name__ == "__main__":
   cli.run(main)

@@ -24,7 +24,7 @@ import jaxlib
 import numpy as np
 import optax
 
-from minigpt_jax import generate, hardware, sharding, train_step
+from minigpt_jax import generate, hardware, reference, sharding, train_step
 from minigpt_jax.errors import UserError
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
@@ -124,14 +124,16 @@ def bench_decode(params, cfg: ModelConfig, *, batch: int, new_tokens: int, cache
                  repeats: int, seed: int = 0, segment: int = generate.DECODE_SEGMENT,
                  unroll: int = generate.DECODE_UNROLL) -> dict:
   """Greedy generation of `new_tokens` per row from an empty prompt, through the sampler's
-  own `generate.generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
+  own `generate_tokens` (prefill, the 16-bit parameter cast, the copy back)."""
   empty = [np.zeros((0,), np.int32)] * batch
   P = generate.pad_prompts(empty, new_tokens, cfg.context_len)[0].shape[1]
 
   def generate_once():
-    generate.generate_tokens(params, cfg, empty, max_new_tokens=new_tokens, sampling=GREEDY,
-                             seed=seed, use_cache=cached, stop_at_eos=False, segment=segment,
-                             unroll=unroll)
+    kw = dict(max_new_tokens=new_tokens, sampling=GREEDY, seed=seed, stop_at_eos=False)
+    if cached:
+      generate.generate_tokens(params, cfg, empty, segment=segment, unroll=unroll, **kw)
+    else:
+      reference.generate_tokens(params, cfg, empty, **kw)
 
   first = timed_repeats(generate_once, 1)[0]  # compiles
   seconds = timed_repeats(generate_once, repeats)

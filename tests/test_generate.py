@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import model_config
-from minigpt_jax import generate, prompts
+from minigpt_jax import generate, prompts, reference
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import KVCache, MiniGPT, init_params
 from minigpt_jax.generate import SamplingConfig, sample, top_k_filter, top_p_filter
@@ -60,8 +60,8 @@ def test_greedy_cached_and_uncached_sequences_identical():
   prompts = [_random_prompt(n, n) for n in (1, 5, 20)]
   a = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=30, sampling=GREEDY,
                                stop_at_eos=False)
-  b = generate.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=30, sampling=GREEDY,
-                               stop_at_eos=False, use_cache=False)
+  b = reference.generate_tokens(PARAMS, CFG, prompts, max_new_tokens=30, sampling=GREEDY,
+                                stop_at_eos=False)
   assert a.shape == (3, 30)
   np.testing.assert_array_equal(a, b)
 
@@ -108,7 +108,7 @@ def test_segmented_decode_equals_uncached(segment):
   for sampling, n, stop in runs:
     kw = dict(max_new_tokens=n, sampling=sampling, seed=3, stop_at_eos=stop)
     a = generate.generate_tokens(PARAMS, CFG, prompts, segment=segment, **kw)
-    b = generate.generate_tokens(PARAMS, CFG, prompts, use_cache=False, **kw)
+    b = reference.generate_tokens(PARAMS, CFG, prompts, **kw)
     assert a.shape == (3, n)
     np.testing.assert_array_equal(a, b)
     stopped += int(stop and (a[:, :-1] == EOS_ID).any())
@@ -122,7 +122,7 @@ def test_unrolled_decode_equals_uncached(unroll):
   kw = dict(max_new_tokens=21, sampling=SamplingConfig(temperature=0.9, top_k=20), seed=4,
             stop_at_eos=False)
   a = generate.generate_tokens(PARAMS, CFG, prompts_, segment=16, unroll=unroll, **kw)
-  b = generate.generate_tokens(PARAMS, CFG, prompts_, use_cache=False, **kw)
+  b = reference.generate_tokens(PARAMS, CFG, prompts_, **kw)
   np.testing.assert_array_equal(a, b)
 
 
@@ -176,7 +176,7 @@ def test_long_samples_cached_equal_uncached_across_window_restarts(sampling):
   prompts_ = [_random_prompt(n, 400 + n) for n in (1, 6, 13)]
   kw = dict(max_new_tokens=160, sampling=sampling, seed=7, stop_at_eos=False)
   a = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, segment=8, **kw)
-  b = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, use_cache=False, **kw)
+  b = reference.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw)
   assert a.shape == (3, 160)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a, generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw))
@@ -190,7 +190,7 @@ def test_long_samples_stop_at_eos_across_window_restarts():
   kw = dict(max_new_tokens=200, sampling=SamplingConfig(temperature=2.5), seed=11,
             stop_at_eos=True)
   a = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw)
-  b = generate.generate_tokens(SHORT_PARAMS, SHORT, prompts_, use_cache=False, **kw)
+  b = reference.generate_tokens(SHORT_PARAMS, SHORT, prompts_, **kw)
   c = np.concatenate(list(generate.decode(SHORT_PARAMS, SHORT, prompts_, chunk=3, **kw)), 1)
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(a[:, :c.shape[1]], c)
@@ -257,8 +257,8 @@ def test_bfloat16_generation_cached_equals_uncached():
   prompts = [_random_prompt(n, 50 + n) for n in (2, 11)]
   a = generate.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
                                stop_at_eos=False)
-  b = generate.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
-                               stop_at_eos=False, use_cache=False)
+  b = reference.generate_tokens(PARAMS, cfg, prompts, max_new_tokens=20, sampling=GREEDY,
+                                stop_at_eos=False)
   np.testing.assert_array_equal(a, b)
 
 
@@ -287,8 +287,7 @@ def test_sampled_cached_matches_uncached_with_the_same_seed():
   s = SamplingConfig(temperature=1.0, top_k=20)
   p = [tok.encode("import ")]
   a = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=30, sampling=s, seed=5)
-  b = generate.generate_tokens(PARAMS, CFG, p, max_new_tokens=30, sampling=s, seed=5,
-                               use_cache=False)
+  b = reference.generate_tokens(PARAMS, CFG, p, max_new_tokens=30, sampling=s, seed=5)
   np.testing.assert_array_equal(a, b)
 
 
@@ -365,7 +364,9 @@ def test_temperature_sharpens():
 
 
 def test_sampling_config_validation():
-  with pytest.raises(ValueError, match="temperature"):
+  with pytest.raises(UserError, match="temperature must be > 0"):
     SamplingConfig(temperature=0.0)
-  with pytest.raises(ValueError, match="top_p"):
+  with pytest.raises(UserError, match="top_p must be in"):
     SamplingConfig(top_p=0.0)
+  with pytest.raises(UserError, match="top_k must be >= 0"):
+    SamplingConfig(top_k=-1)
