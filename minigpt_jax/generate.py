@@ -190,8 +190,7 @@ def next_token(key: jax.Array, t, logits_BV: jax.Array, done_B: jax.Array,
                sampling: SamplingConfig, stop_at_eos: bool):
   """Token t of each row (drawn with `fold_in(key, t)`), `<pad>` for rows already done
   (at `<eos>`, with `stop_at_eos`); both decode paths pick here. Returns (tokens, done)."""
-  tok_B = sample(jax.random.fold_in(key, t), logits_BV, sampling)
-  tok_B = jnp.where(done_B, PAD_ID, tok_B)
+  tok_B = jnp.where(done_B, PAD_ID, sample(jax.random.fold_in(key, t), logits_BV, sampling))
   if stop_at_eos:
     done_B = done_B | (tok_B == EOS_ID)
   return tok_B, done_B

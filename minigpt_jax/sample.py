@@ -32,8 +32,8 @@ _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Rerun the full forward pass ea
 _STOP = flags.DEFINE_bool("stop_at_eos", True, "End a sample at <eos> (end of file).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: auto).")
-_STREAM = flags.DEFINE_bool("stream", False, "Print the text 16 characters at a time (default: "
-                            "a cache segment at a time; the same text either way).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the characters as they are produced (the same "
+                            "text; several samples are printed one after another).")
 _INTERACTIVE = flags.DEFINE_bool(
     "interactive", False, "Read prompts from stdin and stream each continuation: a line ending "
     "in \\ continues the prompt; an empty line or Ctrl-D exits. --max_new_tokens defaults to "
@@ -83,19 +83,16 @@ def main(_):
   rows = [p for p in prompts for _ in range(_NUM.value)]
   t0 = time.perf_counter()
   with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
-    if _JSON.value or _NO_CACHE.value:
+    if _STREAM.value:  # printed as it is made, 16 characters at a time
+      pieces = interactive.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
+                                       max_new_tokens=max_new, sampling=sampling,
+                                       seed=_SEED.value, stop_at_eos=_STOP.value)
+      texts = interactive.write_stream(pieces, rows, _NUM.value)
+    else:
       texts = generate.generate_text(
           run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new,
           sampling=sampling, seed=_SEED.value, use_cache=not _NO_CACHE.value,
           stop_at_eos=_STOP.value)
-      pieces = enumerate(texts)
-    else:  # printed as it is made: a cache segment at a time, or --stream's short chunks
-      pieces = interactive.stream_text(
-          run.params, run.model_cfg, run.tokenizer, rows, max_new_tokens=max_new,
-          sampling=sampling, seed=_SEED.value, stop_at_eos=_STOP.value,
-          chunk=interactive.STREAM_CHUNK if _STREAM.value else 0)
-    if not _JSON.value:
-      texts = interactive.write_stream(pieces, rows, _NUM.value)
   seconds = time.perf_counter() - t0
   if _JSON.value:
     print(json.dumps({"checkpoint": path, "step": run.step, "seed": _SEED.value,
@@ -103,6 +100,10 @@ def main(_):
                       "samples": [{"prompt": p, "index": i % _NUM.value, "text": t}
                                   for i, (p, t) in enumerate(zip(rows, texts))]}, indent=1))
     return
+  for i, (p, t) in enumerate(zip(rows, [] if _STREAM.value else texts)):  # streamed: printed
+    if len(rows) > 1:
+      print(f"=== prompt {i // _NUM.value}, sample {i % _NUM.value} ===")
+    sys.stdout.write(p + t + "\n")
   print(f"[step {run.step}, {len(rows)} x {max_new} tokens in {seconds:.2f}s incl. compile, "
         f"{'no cache' if _NO_CACHE.value else 'KV cache'}]", file=sys.stderr)
 
