@@ -1,4 +1,6 @@
-"""The train and sample commands, run as a user would, in fresh processes."""
+"""The train and sample commands, run as a user would: in this process (`run_command`), and
+in fresh processes where the process is the point (its exit status, a closed stdout, a
+resume in a new process)."""
 
 import json
 import os
@@ -10,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import REPO, one_line_error, run_module, tiny_flags
+from helpers import REPO, one_line_error, run_command, run_module, tiny_flags
 from minigpt_jax import report, runs
 
 
@@ -32,7 +34,7 @@ def _one_line_error(proc, *fragments):
 def trained_run(tmp_path_factory, corpus_dir):
   """A tiny run trained by the CLI, shared by the tests below (they only read it)."""
   tmp = tmp_path_factory.mktemp("cli")
-  proc = _ok(run_module("minigpt_jax.train", *tiny_flags(tmp, corpus_dir)))
+  proc = _ok(run_command("minigpt_jax.train", *tiny_flags(tmp, corpus_dir)))
   return tmp, tmp / "runs" / "tiny", proc
 
 
@@ -61,13 +63,14 @@ def test_train_cli_writes_a_complete_run(trained_run):
 
 
 def test_exact_resume_across_processes(tmp_path, corpus_dir):
-  """2N steps straight == N steps, a new process, N more: same losses and parameters, bit for bit."""
+  """2N steps straight == N steps, a new process, N more: same losses and parameters, bit for bit.
+  (The first N steps and the straight run train in this process; the resume in a fresh one.)"""
   common = ["--config.train.log_every=1", "--config.sample.num_samples=0"]
   straight = tmp_path / "straight"
-  _ok(run_module("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common)))
+  _ok(run_command("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common)))
   split = tmp_path / "split"
-  first = _ok(run_module("minigpt_jax.train",
-                         *tiny_flags(split, corpus_dir, *common, "--config.train.stop_at_step=10")))
+  first = _ok(run_command("minigpt_jax.train",
+                          *tiny_flags(split, corpus_dir, *common, "--config.train.stop_at_step=10")))
   assert "done: step 10" in first.stdout
   second = _ok(run_module("minigpt_jax.train", *tiny_flags(split, corpus_dir, *common)))
   assert "resuming" in second.stdout and "from step 10" in second.stdout
@@ -86,8 +89,8 @@ def test_sample_cli_greedy_cached_equals_uncached(trained_run):
   _, run, _ = trained_run
   args = ["--checkpoint", str(run), "--prompt", "def ", "--prompt", "class A:\n", "--greedy",
           "--max_new_tokens", "12", "--json", "--nostop_at_eos"]
-  cached = json.loads(_ok(run_module("minigpt_jax.sample", *args)).stdout)
-  uncached = json.loads(_ok(run_module("minigpt_jax.sample", *args, "--no_cache")).stdout)
+  cached = json.loads(_ok(run_command("minigpt_jax.sample", *args)).stdout)
+  uncached = json.loads(_ok(run_command("minigpt_jax.sample", *args, "--no_cache")).stdout)
   assert cached["step"] == 20 and cached["cache"] and not uncached["cache"]
   texts = [s["text"] for s in cached["samples"]]
   assert texts == [s["text"] for s in uncached["samples"]]
@@ -98,8 +101,8 @@ def test_sample_cli_same_seed_same_text_and_step_selection(trained_run):
   _, run, _ = trained_run
   args = ["--checkpoint", str(run / "ckpt" / "10"), "--num_samples", "2", "--seed", "3",
           "--max_new_tokens", "20", "--top_k", "10"]
-  a = _ok(run_module("minigpt_jax.sample", *args))
-  b = _ok(run_module("minigpt_jax.sample", *args))
+  a = _ok(run_command("minigpt_jax.sample", *args))
+  b = _ok(run_module("minigpt_jax.sample", *args))  # and in another process: the same text
   assert a.stdout == b.stdout and "=== prompt 0, sample 1 ===" in a.stdout
   assert "[step 10," in a.stderr
 
@@ -111,12 +114,18 @@ def test_sample_cli_same_seed_same_text_and_step_selection(trained_run):
     (["--config.model.n_heads=3"], ["not divisible by model.n_heads 3"]),
 ])
 def test_train_config_mistakes_are_one_line_errors(tmp_path, corpus_dir, args, fragments):
-  _one_line_error(run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir, *args)),
-                  *fragments)
+  proc = run_command("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir, *args))
+  _one_line_error(proc, *fragments)
+  assert proc.returncode == 2
 
 
 def test_train_missing_config_file(tmp_path):
-  _one_line_error(run_module("minigpt_jax.train", "--config", str(tmp_path / "nope.py")), "nope.py")
+  """In a fresh process: a bad input ends the command with one `error:` line on stderr and
+  exit status 2 (the other bad inputs run in this process, with the status cli.run exits with)."""
+  proc = run_module("minigpt_jax.train", "--config", str(tmp_path / "nope.py"))
+  _one_line_error(proc, "nope.py")
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("source,fragment", [
@@ -125,14 +134,14 @@ def test_train_missing_config_file(tmp_path):
 ])
 def test_train_config_file_that_does_not_load(tmp_path, source, fragment):
   (tmp_path / "broken.py").write_text(source)
-  proc = run_module("minigpt_jax.train", "--config", str(tmp_path / "broken.py"))
+  proc = run_command("minigpt_jax.train", "--config", str(tmp_path / "broken.py"))
   _one_line_error(proc, "cannot load the config file", fragment)
   assert proc.returncode == 2
 
 
 def test_train_empty_corpus(tmp_path):
   (tmp_path / "empty").mkdir()
-  proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
+  proc = run_command("minigpt_jax.train", *tiny_flags(tmp_path, tmp_path / "empty"))
   _one_line_error(proc, "error: the corpus has no train text")
   assert proc.returncode == 2
   assert not (tmp_path / "runs" / "tiny").exists()  # no empty run folder left behind
@@ -141,7 +150,7 @@ def test_train_empty_corpus(tmp_path):
 def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):
   held = runs.lock_run_dir(tmp_path / "runs" / "tiny")  # this process "is training" it
   try:
-    proc = run_module("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir))
+    proc = run_command("minigpt_jax.train", *tiny_flags(tmp_path, corpus_dir))
   finally:
     held.close()
   _one_line_error(proc, "is being trained by pid", "pick another --config.run_name")
@@ -160,9 +169,17 @@ def test_train_refuses_a_run_another_process_is_training(tmp_path, corpus_dir):
 def test_sample_bad_input_is_a_one_line_error(trained_run, args, fragment):
   _, run, _ = trained_run
   base = [] if "--checkpoint" in args else ["--checkpoint", str(run)]
-  proc = run_module("minigpt_jax.sample", *base, *args)
+  proc = run_command("minigpt_jax.sample", *base, *args)
   _one_line_error(proc, fragment)
   assert proc.returncode == 2
+
+
+def test_sample_bad_input_ends_the_process_with_one_error_line_and_status_2():
+  """The case above in a fresh process: what a shell sees."""
+  proc = run_module("minigpt_jax.sample", "--checkpoint", "/nonexistent/run")
+  _one_line_error(proc, "does not exist")
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.parametrize("name,text,fragment", [
@@ -176,7 +193,7 @@ def test_sample_damaged_run_files_are_one_line_errors(trained_run, tmp_path, nam
   copy = tmp_path / "run"
   shutil.copytree(run, copy)
   (copy / name).write_text(text)
-  proc = run_module("minigpt_jax.sample", "--checkpoint", str(copy), "--max_new_tokens", "5")
+  proc = run_command("minigpt_jax.sample", "--checkpoint", str(copy), "--max_new_tokens", "5")
   _one_line_error(proc, fragment)
   assert proc.returncode == 2
 
@@ -190,8 +207,8 @@ def test_a_run_trained_with_cudnn_attention_samples_on_a_cpu(trained_run, tmp_pa
   config["model"]["attention_impl"] = "cudnn"
   (copy / "config.json").write_text(json.dumps(config))
   args = ["--prompt", "def ", "--greedy", "--max_new_tokens", "10"]
-  got = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(copy), *args))
-  want = _ok(run_module("minigpt_jax.sample", "--checkpoint", str(run), *args))
+  got = _ok(run_command("minigpt_jax.sample", "--checkpoint", str(copy), *args))
+  want = _ok(run_command("minigpt_jax.sample", "--checkpoint", str(run), *args))
   assert got.stdout == want.stdout and "def " in got.stdout
 
 
@@ -206,7 +223,7 @@ def test_a_config_seed_out_of_range_is_refused_before_any_work(tmp_path, corpus_
     args = ["--config", str(REPO / "configs" / "tiny.py"), "--batch_sizes=", "--decode_batches="]
   else:
     args = tiny_flags(tmp_path, corpus_dir, "--config.train.steps=1")
-  proc = run_module(module, *args, f"--config.seed={seed}")
+  proc = run_command(module, *args, f"--config.seed={seed}")
   one_line_error(proc, "seed must be an integer in [0, 4294967295]", f"got {seed}")
   assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
