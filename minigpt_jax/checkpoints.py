@@ -18,7 +18,6 @@ import logging
 import os
 import pathlib
 import re
-import shutil
 import stat
 import sys
 import warnings
@@ -33,7 +32,6 @@ from jax.experimental import multihost_utils
 from minigpt_jax.errors import UserError, first_line
 
 DAMAGED = ".damaged"  # ckpt/<step> renamed ckpt/<step>.damaged: no longer a step to Orbax
-_TMP = ".orbax-checkpoint-tmp"  # in the name of a step Orbax began and never finished writing
 
 
 class _Gone(UserError):
@@ -57,22 +55,11 @@ def manager(run_dir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
   while holding the run's lock: it removes what killed saves left half-written."""
   _quiet_orbax_metadata_warnings()
   _quiet_failed_save_noise()
-  remove_stale_tmp(run_dir)
   set_aside_non_folders(run_dir)
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # Orbax removes the temporary folders of saves a crash or a kill interrupted.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "ckpt", options=options)
-
-
-def remove_stale_tmp(run_dir: pathlib.Path) -> None:
-  """Removes ckpt/<step>.orbax-checkpoint-tmp* folders: saves a crash or a kill interrupted.
-  Orbax never lists them nor removes them itself; only a process holding the lock may."""
-  if jax.process_index() != 0:  # one process removes them for all
-    return
-  for p in list((pathlib.Path(run_dir) / "ckpt").glob(f"*{_TMP}*")):
-    if p.is_dir() and not p.is_symlink():
-      shutil.rmtree(p, ignore_errors=True)
-    else:
-      p.unlink(missing_ok=True)
 
 
 def set_aside_non_folders(run_dir: pathlib.Path) -> None:
