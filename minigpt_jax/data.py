@@ -162,7 +162,7 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
   """
   corpus_folder.refuse_to_replace(out_dir)  # before the slow part; again before the swap
   spec = spec_of(data_cfg)
-  parts, files, dropped, skipped = _encode_roots(spec, tok, log)
+  parts, files, dropped, skipped = encode_roots(spec, tok, log)
   arrays = {s: np.concatenate(parts[s]) if parts[s] else np.zeros(0, np.uint8) for s in SPLITS}
   for s in SPLITS:
     if arrays[s].size < 2:
@@ -190,7 +190,7 @@ def build_corpus(data_cfg, out_dir: pathlib.Path, tok: CharTokenizer, log=print,
   return manifest
 
 
-def _encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict, dict]:
+def encode_roots(spec: dict, tok: CharTokenizer, log) -> tuple[dict, dict, dict, dict]:
   """Each distinct .py file below the roots, once, in the split its name picks. A file is
   taken once by its resolved path, and once by its text (as encoded): a hard link or a copy
   of a file already taken is a duplicate, so one text never lands in both splits.

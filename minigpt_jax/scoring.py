@@ -93,30 +93,19 @@ def check_extra_corpus(folder: str) -> pathlib.Path:
 
 def encode_folder(folder: str, tok: CharTokenizer,
                   max_file_chars: int = 0) -> tuple[np.ndarray, int]:
-  """Encodes the .py files under `folder` as `data.build_corpus` does, writing nothing.
-
-  Files are walked in sorted order (skipping `data.SKIP_DIRS`), each taken once (by resolved
-  path) or left out by `data.encode_file` (pass the run's `data.max_file_chars`), and each
-  followed by `<eos>`. Returns (uint8 ids, number of files).
-  """
-  root = check_extra_corpus(folder)
-  parts, n_files, skipped, seen = [], 0, {}, set()
-  for path in data.python_files(root):
-    ids, skip = None, "duplicate"
-    if data.first_sighting(path, seen):
-      ids, _, _, skip = data.encode_file(path, tok, max_file_chars)
-    if skip:
-      skipped[skip] = skipped.get(skip, 0) + 1
-      continue
-    parts += [ids, np.array([EOS_ID], np.uint8)]
-    n_files += 1
-  if not parts:  # say what was there: a cap too low reads differently from an empty folder
+  """Encodes the .py files under `folder` with the corpus encoder (`data.encode_roots`: each
+  file once, by path and by text, each followed by `<eos>`; the run's `data.max_file_chars`
+  applies), writing nothing. Returns (uint8 ids, number of files)."""
+  spec = {"roots": [str(check_extra_corpus(folder))], "max_chars": 0, "val_fraction": 0.0,
+          "max_file_chars": max_file_chars}
+  parts, files, _, skipped = data.encode_roots(spec, tok, log=lambda *_: None)
+  if not parts["train"]:  # say what was there: a cap too low reads differently from none
     n = sum(skipped.values())
     found = (f"{n} .py file{'s' * (n != 1)}: {data.skipped_summary(skipped, max_file_chars)}"
              if n else "no .py files")
     raise UserError(f"--extra_corpus {folder!r} holds no non-empty .py files to score "
                     f"(found {found})")
-  return np.concatenate(parts), n_files
+  return np.concatenate(parts["train"]), len(files["train"])
 
 
 # --- samples that parse --------------------------------------------------------------------
