@@ -7,6 +7,7 @@ import logging
 import os
 import pathlib
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,10 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from orbax.checkpoint._src.checkpointers import async_checkpointer
 
-from helpers import REPO, ok, one_line_error, run_module, tiny_config_in, tiny_flags
-from minigpt_jax import checkpoints, curves, preemption, report, runs, scoring, train_loop, train_step
+from helpers import REPO, ok, one_line_error, run_command, run_module, tiny_config_in, tiny_flags
+from minigpt_jax import (checkpoints, curves, generate, preemption, report, runs, scoring,
+                         train_loop, train_step)
 from minigpt_jax.errors import UserError
 
 quiet = lambda *_: None
@@ -48,21 +49,12 @@ def _wait_for_logged_steps(path: pathlib.Path, proc, n: int, timeout: float = 18
                           "timed out"))
 
 
-def run_patched(module: str, patch: str, *args: str, timeout: int = 240):
-  """`python -m module args` with `patch` (Python source) run first in the same process:
-  failures injected as monkeypatch would, in a fresh process."""
-  code = (f"{patch}\nimport runpy, sys\n"
-          f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
-  return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def read_only_patch(folder: pathlib.Path) -> str:
-  """Source that makes os.access report `folder` (and what is under it) as not writable, as
-  on a read-only filesystem (chmod does not stop root, who runs these tests)."""
-  return (f"import os\nreal = os.access\nro = {str(folder)!r}\n"
-          "os.access = lambda p, m, *a, **k: False if m & os.W_OK and "
-          "os.path.abspath(p).startswith(ro) else real(p, m, *a, **k)")
+def read_only(monkeypatch, folder: pathlib.Path) -> None:
+  """Makes os.access report `folder` (and what is under it) as not writable, as on a
+  read-only filesystem (chmod does not stop root, who runs these tests)."""
+  real, ro = os.access, str(folder)
+  monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if m & os.W_OK and
+                      os.path.abspath(p).startswith(ro) else real(p, m, *a, **k))
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +89,10 @@ def test_sigterm_saves_and_the_resumed_run_is_identical_to_an_uninterrupted_one(
   assert sorted(_train_losses(cut / "runs/tiny")) == list(range(1, step + 1))
 
   end = [f"--config.train.stop_at_step={step + 3}"]  # the schedule stays that of 100000 steps
-  resumed = ok(run_module("minigpt_jax.train", *tiny_flags(cut, corpus_dir, *common, *end)))
+  resumed = ok(run_command("minigpt_jax.train", *tiny_flags(cut, corpus_dir, *common, *end)))
   assert f"from step {step}" in resumed.stdout
   straight = tmp_path / "straight"
-  ok(run_module("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common, *end)))
+  ok(run_command("minigpt_jax.train", *tiny_flags(straight, corpus_dir, *common, *end)))
   assert sorted(_train_losses(cut / "runs/tiny")) == list(range(1, step + 4))
   assert _train_losses(cut / "runs/tiny") == _train_losses(straight / "runs/tiny")
   a = runs.load_for_inference(str(cut / "runs/tiny")).params
@@ -186,9 +178,10 @@ def test_processes_agree_on_stopping_at_the_period_steps(monkeypatch):
 # --- Ctrl-C ---------------------------------------------------------------------------------
 
 def run_interrupted(patch: str, *args: str, timeout: int = 120):
-  """`run_patched`'s command with Ctrl-C's default handling (a shell starts background jobs,
-  and so maybe these tests, with SIGINT ignored, which their children would inherit), and
-  without the test run's compilation cache: a compile it has seen would not be one."""
+  """`python -m minigpt_jax.train args` in a fresh process with `patch` (Python source) run
+  first, as monkeypatch would, with Ctrl-C's default handling (a shell starts background
+  jobs, and so maybe these tests, with SIGINT ignored, which their children would inherit),
+  and without the test run's compilation cache: a compile it has seen would not be one."""
   code = (f"{patch}\nimport runpy\n"
           "runpy.run_module('minigpt_jax.train', run_name='__main__', alter_sys=True)\n")
   env = {k: v for k, v in _env().items()
@@ -284,15 +277,36 @@ def test_ctrl_c_during_startup_exits_130_without_a_crash(tmp_path, corpus_dir, p
 # --- failed saves ---------------------------------------------------------------------------
 
 def test_a_failed_background_save_stops_training_at_once(tiny_config, monkeypatch):
-  def disk_full(*_, **__):
-    raise OSError(errno.ENOSPC, "No space left on device")
+  """Step 20's save fails in the background, for real: its array files outgrow the file
+  size limit (RLIMIT_FSIZE, EFBIG) that this process has while the save runs. Training
+  must stop at the next step, not at the next save (step 40)."""
+  real_save, soft_limit, _ = checkpoints.save, *resource.getrlimit(resource.RLIMIT_FSIZE)
+  failed = []
 
-  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", disk_full)
+  def save_that_fails_in_the_background(mngr, step, *args, **kwargs):
+    if step != 20:
+      return real_save(mngr, step, *args, **kwargs)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, resource.getrlimit(
+        resource.RLIMIT_FSIZE)[1]))
+    try:
+      real_save(mngr, step, *args, **kwargs)  # returns while the arrays are being written
+      deadline = time.monotonic() + 120
+      while mngr.is_saving_in_progress() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the background write has failed once it is over
+      failed.append(not mngr.is_saving_in_progress())
+    finally:
+      resource.setrlimit(resource.RLIMIT_FSIZE, (soft_limit, resource.getrlimit(
+          resource.RLIMIT_FSIZE)[1]))
+      signal.signal(signal.SIGXFSZ, previous)
+
+  monkeypatch.setattr(checkpoints, "save", save_that_fails_in_the_background)
   t = tiny_config.train
   t.steps, t.ckpt_every, t.log_every, t.eval_every = 60, 20, 1, 1000
   tiny_config.sample.num_samples = 0
-  with pytest.raises(UserError, match=r"step 20.*No space left on device"):
+  with pytest.raises(UserError, match=r"step 20.*File too large"):
     train_loop.train(tiny_config, log=quiet)
+  assert failed == [True]
   run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
   assert max(_train_losses(run_dir)) < 40  # not on until the next save
 
@@ -466,9 +480,8 @@ def test_out_of_memory_when_sampling_names_num_samples(small_run, monkeypatch):
   monkeypatch.setattr(scoring, "sample_validity", huge)
   with pytest.raises(UserError, match=r"out of memory.*--num_samples"):
     scoring.evaluate_checkpoint(str(small_run), num_samples=4, max_new_tokens=4, log=quiet)
-  patch = ("import minigpt_jax.generate as g\n"
-           "def huge(*a, **k): raise MemoryError()\ng.generate_text = huge")
-  one_line_error(run_patched("minigpt_jax.sample", patch, f"--checkpoint={small_run}"),
+  monkeypatch.setattr(generate, "generate_text", huge)
+  one_line_error(run_command("minigpt_jax.sample", f"--checkpoint={small_run}"),
                  "out of memory", "--num_samples")
 
 
@@ -477,7 +490,7 @@ def test_out_of_memory_when_sampling_names_num_samples(small_run, monkeypatch):
 @pytest.mark.parametrize("module", ["minigpt_jax.sample", "minigpt_jax.evaluate"])
 @pytest.mark.parametrize("seed", [str(2**64), "-1"])
 def test_a_seed_out_of_range_is_a_one_line_error(module, seed, tmp_path):
-  one_line_error(run_module(module, f"--seed={seed}", f"--checkpoint={tmp_path}", timeout=60),
+  one_line_error(run_command(module, f"--seed={seed}", f"--checkpoint={tmp_path}"),
                  "--seed", seed)
 
 
@@ -487,31 +500,33 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
   nowhere = f"--checkpoint={tmp_path / 'no_run'}"  # would fail later, after the path check
-  one_line_error(run_module("minigpt_jax.evaluate", nowhere, f"--json_out={a_file}/r.json",
-                            timeout=60), "--json_out", "not a folder")
-  one_line_error(run_module("minigpt_jax.plot", str(tmp_path / "no_run"), f"--out={tmp_path}",
-                            timeout=60), "--out", "is a folder")
-  one_line_error(run_module("minigpt_jax.plot", str(tmp_path / "no_run"),
-                            f"--out={a_file}/c.png", timeout=60), "--out", "not a folder")
-  one_line_error(run_module("minigpt_jax.bench", "--config", TINY, f"--json_out={tmp_path}",
-                            "--config.train.batch_size=4", "--batch_sizes=", "--decode_batches=",
-                            timeout=60), "--json_out", "is a folder")
+  one_line_error(run_command("minigpt_jax.evaluate", nowhere, f"--json_out={a_file}/r.json"),
+                 "--json_out", "not a folder")
+  one_line_error(run_command("minigpt_jax.plot", str(tmp_path / "no_run"), f"--out={tmp_path}"),
+                 "--out", "is a folder")
+  one_line_error(run_command("minigpt_jax.plot", str(tmp_path / "no_run"),
+                             f"--out={a_file}/c.png"), "--out", "not a folder")
+  one_line_error(run_command("minigpt_jax.bench", "--config", TINY, f"--json_out={tmp_path}",
+                             "--config.train.batch_size=4", "--batch_sizes=",
+                             "--decode_batches="), "--json_out", "is a folder")
 
 
-def test_unwritable_outputs_fail_before_the_work(small_run, tmp_path):
-  r = run_patched("minigpt_jax.evaluate", read_only_patch(small_run), f"--checkpoint={small_run}",
-                  "--num_samples=0")
-  one_line_error(r, "eval_step2.json", "--json_out")
-  assert r.stdout == "" and not list(small_run.glob("eval_step*.json"))
+def test_unwritable_outputs_fail_before_the_work(small_run, tmp_path, monkeypatch):
   out = tmp_path / "ro"
   out.mkdir()
-  r = run_patched("minigpt_jax.evaluate", read_only_patch(out), f"--checkpoint={small_run}",
+  with monkeypatch.context() as m:
+    read_only(m, small_run)
+    r = run_command("minigpt_jax.evaluate", f"--checkpoint={small_run}", "--num_samples=0")
+    one_line_error(r, "eval_step2.json", "--json_out")
+    assert r.stdout == "" and not list(small_run.glob("eval_step*.json"))
+    r = run_command("minigpt_jax.plot", str(small_run))
+    one_line_error(r, "curves.png", "--out")
+  read_only(monkeypatch, out)
+  r = run_command("minigpt_jax.evaluate", f"--checkpoint={small_run}",
                   f"--json_out={out / 'r.json'}")
   one_line_error(r, "r.json", "--json_out")
-  r = run_patched("minigpt_jax.plot", read_only_patch(small_run), str(small_run))
-  one_line_error(r, "curves.png", "--out")
-  r = run_patched("minigpt_jax.bench", read_only_patch(out), "--config", TINY,
-                  f"--json_out={out / 'b.json'}", "--batch_sizes=", "--decode_batches=")
+  r = run_command("minigpt_jax.bench", "--config", TINY, f"--json_out={out / 'b.json'}",
+                  "--batch_sizes=", "--decode_batches=")
   one_line_error(r, "b.json", "--json_out")
 
 
