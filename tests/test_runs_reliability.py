@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, ok, one_line_error, run_module, tiny_config_in
+from helpers import REPO, ok, one_line_error, run_command, run_module, tiny_config_in
 from minigpt_jax import checkpoints, runs, scoring, tokenizer, train_loop
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CharTokenizer
@@ -127,7 +127,7 @@ def test_evaluate_falls_back_past_a_damaged_checkpoint(run):
   _, run_dir = run
   damage(run_dir, 20)
   # The command names its report after the step it evaluated, not the damaged newest one.
-  proc = ok(run_module("minigpt_jax.evaluate", f"--checkpoint={run_dir}", "--num_samples=0"))
+  proc = ok(run_command("minigpt_jax.evaluate", f"--checkpoint={run_dir}", "--num_samples=0"))
   assert "eval_step10.json" in proc.stdout
   assert sorted(p.name for p in run_dir.glob("eval_step*.json")) == ["eval_step10.json"]
   assert json.loads((run_dir / "eval_step10.json").read_text())["step"] == 10
@@ -177,17 +177,21 @@ def test_a_checkpoint_removed_between_listing_and_restoring_is_skipped(run, monk
 
 def test_a_step_vanishing_while_orbax_lists_the_steps_is_retried(run, monkeypatch):
   _, run_dir = run
-  real_load = ocp.CheckpointManager._load_checkpoint_infos
   calls = []
 
-  def listing_races(self, *args, **kwargs):
-    calls.append(1)
-    if len(calls) == 1:  # as Orbax raises when a listed step is deleted before its stat
-      raise FileNotFoundError(2, "No such file or directory", str(run_dir / "ckpt" / "20"))
-    return real_load(self, *args, **kwargs)
+  class ListingRaces(ocp.CheckpointManager):
+    """Orbax's manager, whose first opening meets a step deleted between Orbax's listing of
+    the steps and its stat of it (training's retention), as Orbax raises it then."""
 
-  monkeypatch.setattr(ocp.CheckpointManager, "_load_checkpoint_infos", listing_races)
+    def __init__(self, *args, **kwargs):
+      calls.append(1)
+      if len(calls) == 1:
+        raise FileNotFoundError(2, "No such file or directory", str(run_dir / "ckpt" / "20"))
+      super().__init__(*args, **kwargs)
+
+  monkeypatch.setattr(ocp, "CheckpointManager", ListingRaces)
   assert runs.load_for_inference(str(run_dir)).step == 20
+  assert len(calls) >= 2  # the listing was tried again
 
 
 # --- planted symlinks -----------------------------------------------------------------------
@@ -259,12 +263,31 @@ def test_a_fifo_in_a_run_folder_is_refused_by_training_at_once(run, name):
     train_loop.train(c, log=quiet)  # before, it waited for a writer (or reader) forever
 
 
+def _writer_after(seconds: float, fifo: pathlib.Path) -> threading.Timer:
+  """Opens `fifo` for writing, and closes it, after `seconds`, should a reader be waiting on
+  it by then: a command that opened it fails (at its end of file) instead of hanging the
+  test run. Cancel it once the command is over."""
+  def open_and_close():
+    try:
+      os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader, as it should be
+      pass
+  timer = threading.Timer(seconds, open_and_close)
+  timer.daemon = True
+  timer.start()
+  return timer
+
+
 @pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
 def test_a_fifo_in_a_run_folder_is_one_error_line_for_sample(run, name):
   _, run_dir = run
   (run_dir / name).unlink()
   os.mkfifo(run_dir / name)
-  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir), timeout=60)
+  unblock = _writer_after(30, run_dir / name)  # before, it waited for a writer forever
+  try:
+    proc = run_command("minigpt_jax.sample", "--checkpoint", str(run_dir))
+  finally:
+    unblock.cancel()
   one_line_error(proc, f"{name} is not a regular file")
 
 
@@ -302,7 +325,7 @@ def edit_config(run_dir: pathlib.Path, section: str, field: str, value) -> None:
 def test_sample_names_a_malformed_model_field_in_one_line(run, section, field, value):
   _, run_dir = run
   edit_config(run_dir, section, field, value)
-  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir))
+  proc = run_command("minigpt_jax.sample", "--checkpoint", str(run_dir))
   one_line_error(proc, f"model.{field}" if value is not KeyError else field)
 
 
@@ -320,7 +343,7 @@ def test_evaluate_names_a_malformed_field_the_run_records(run, section, field, v
 def test_evaluate_cli_names_a_null_batch_size_in_one_line(run):
   _, run_dir = run
   edit_config(run_dir, "train", "batch_size", None)
-  proc = run_module("minigpt_jax.evaluate", "--checkpoint", str(run_dir), "--num_samples", "0")
+  proc = run_command("minigpt_jax.evaluate", "--checkpoint", str(run_dir), "--num_samples", "0")
   one_line_error(proc, "train.batch_size")
 
 
@@ -411,7 +434,7 @@ def test_sample_refuses_a_permuted_vocabulary_in_one_line(run):
   chars = list(d["chars"])
   chars[30], chars[31] = chars[31], chars[30]  # same characters, two ids swapped
   (run_dir / "tokenizer.json").write_text(json.dumps({**d, "chars": "".join(chars)}))
-  proc = run_module("minigpt_jax.sample", "--checkpoint", str(run_dir))
+  proc = run_command("minigpt_jax.sample", "--checkpoint", str(run_dir))
   one_line_error(proc, "tokenizer", "id 32")
 
 
