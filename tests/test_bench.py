@@ -1,4 +1,5 @@
-"""The benchmark: its pure helpers, and one tiny end-to-end run of the CLI (no timing thresholds)."""
+"""The benchmark: its pure helpers, and one tiny end-to-end run of the CLI (no timing thresholds)
+in this process; a bad input's exit status in a fresh one."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import tiny
-from helpers import REPO, one_line_error, run_module
+from helpers import REPO, one_line_error, run_command, run_module
 from minigpt_jax import hardware, throughput
 from minigpt_jax.errors import UserError
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
@@ -94,10 +95,9 @@ def test_parse_sizes():
 
 def test_bench_cli_on_tiny_config(tmp_path):
   out = tmp_path / "not" / "yet" / "bench.json"  # folders are made, as by evaluate
-  proc = run_module("minigpt_jax.bench", "--config", TINY, "--batch_sizes=4,2",
-                    "--decode_batches=2", "--decode_tokens=4", "--long_tokens=70",
-                    "--train_steps=2", "--repeats=2", "--warmup=1", f"--json_out={out}",
-                    timeout=120)
+  proc = run_command("minigpt_jax.bench", "--config", TINY, "--batch_sizes=4,2",
+                     "--decode_batches=2", "--decode_tokens=4", "--long_tokens=70",
+                     "--train_steps=2", "--repeats=2", "--warmup=1", f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout)
   assert json.loads(out.read_text()) == result
@@ -143,6 +143,7 @@ def test_bench_cli_on_tiny_config(tmp_path):
 
 
 def test_bench_cli_refuses_too_many_decode_tokens():
+  """In a fresh process: the exit status a shell sees (the cases below run in this one)."""
   proc = run_module("minigpt_jax.bench", "--config", TINY, "--decode_tokens=32", timeout=60)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: decode tokens must be in [1, 31]")
@@ -156,4 +157,4 @@ def test_bench_cli_refuses_too_many_decode_tokens():
     (["--decode_unroll=0"], ["--decode_unroll must be >= 1"]),
 ])
 def test_bench_cli_config_mistakes_are_one_line_errors(args, fragments):
-  one_line_error(run_module("minigpt_jax.bench", "--config", TINY, *args, timeout=60), *fragments)
+  one_line_error(run_command("minigpt_jax.bench", "--config", TINY, *args), *fragments)

@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from helpers import REPO, one_line_error, run_module, tiny_flags
+from helpers import REPO, one_line_error, run_command, tiny_flags
 from minigpt_jax import corpus_folder, data, scoring
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CharTokenizer
@@ -208,7 +208,7 @@ def test_train_cli_refuses_to_rebuild_over_a_user_folder(tmp_path, corpus_dir):
   _user_folder_with_web_manifest(folder)
   before = _snapshot(folder)
   flags = tiny_flags(tmp_path, corpus_dir, "--config.data.rebuild=True")
-  one_line_error(run_module("minigpt_jax.train", *flags), "not a prepared corpus", str(folder))
+  one_line_error(run_command("minigpt_jax.train", *flags), "not a prepared corpus", str(folder))
   assert _snapshot(folder) == before
 
 

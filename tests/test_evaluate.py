@@ -208,6 +208,7 @@ def test_a_corpus_rebuilt_since_training_is_refused(tmp_path, corpus_dir):
 
 def test_cli_missing_extra_corpus_is_a_one_line_error(trained_run, tmp_path):
   run_dir, _ = trained_run
+  # In a fresh process: the exit status a shell sees (other bad inputs run in-process).
   r = run_module("minigpt_jax.evaluate", f"--checkpoint={run_dir}",
                  f"--extra_corpus={tmp_path / 'missing'}")
   assert r.returncode == 2

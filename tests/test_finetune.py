@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import one_line_error, run_module, tiny_config_in, tiny_flags
+from helpers import one_line_error, run_command, tiny_config_in, tiny_flags
 from minigpt_jax import config as config_lib
 from minigpt_jax import data, runs, train_loop, train_step
 from minigpt_jax.errors import UserError
@@ -66,14 +66,14 @@ def test_a_finetune_starts_from_the_source_parameters_with_a_fresh_optimizer(
   c = finetune_config(tmp_path, corpus_dir, source, write_new_corpus(tmp_path / "new"))
   c.train.steps = 2
   started = {}
-  real = train_loop.init_or_restore
+  real = runs.init_or_restore
 
   def keep_initial_state(*args, **kwargs):  # fetched before the first step donates it
     state, tx, state_sh, start = real(*args, **kwargs)
     started["state"] = jax.device_get(state)
     return state, tx, state_sh, start
 
-  monkeypatch.setattr(train_loop, "init_or_restore", keep_initial_state)
+  monkeypatch.setattr(runs, "init_or_restore", keep_initial_state)
   s = train_loop.train(c, log=quiet)
   assert s.first_step == 0 and int(started["state"].step) == 0
   mu = [x for x in jax.tree.leaves(started["state"].opt_state) if np.ndim(x) > 0]
@@ -117,7 +117,7 @@ def test_a_model_that_differs_from_the_source_is_refused_before_any_work(
     tmp_path, corpus_dir, source):
   before = tree_sha256(source)
   new = write_new_corpus(tmp_path / "new")
-  proc = run_module("minigpt_jax.train", *tiny_flags(
+  proc = run_command("minigpt_jax.train", *tiny_flags(
       tmp_path, corpus_dir, f"--config.init_from={source}", "--config.run_name=ft",
       "--config.data.name=ft", f"--config.data.roots=('{new}',)", "--config.model.d_model=48"))
   one_line_error(proc, "model.d_model", "48", "32")
@@ -131,7 +131,7 @@ def test_a_finetune_keeps_the_sources_head_tied_or_untied(tiny_config, source):
   """Tying removes the LM head's parameters: named, not an Orbax tree mismatch."""
   tiny_config.init_from, tiny_config.model.tie_embeddings = str(source), True
   with pytest.raises(UserError, match="model.tie_embeddings is True here but False"):
-    train_loop.finetune_source(tiny_config)
+    runs.finetune_source(tiny_config)
 
 def test_the_source_tokenizer_must_match(tmp_path, corpus_dir, source):
   other = tmp_path / "other_tokenizer"

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from helpers import run_module
+from helpers import run_command, run_module
 from minigpt_jax import curves
 from minigpt_jax.errors import UserError
 
@@ -29,7 +29,7 @@ def _write_run(run_dir, syntax_rate: bool):
 
 def test_plot_command_writes_a_png(tmp_path):
   run_dir = _write_run(tmp_path / "run", syntax_rate=True)
-  r = run_module("minigpt_jax.plot", str(run_dir))
+  r = run_command("minigpt_jax.plot", str(run_dir))
   assert r.returncode == 0, r.stderr
   png = (run_dir / "curves.png").read_bytes()
   assert png.startswith(PNG_MAGIC) and len(png) > 10_000
@@ -52,7 +52,7 @@ def test_plot_run_reads_evaluate_reports_and_honours_out(tmp_path, caplog):
 def test_missing_metrics_is_a_one_line_error(tmp_path):
   with pytest.raises(UserError, match="metrics.jsonl does not exist"):
     curves.plot_run(tmp_path)
-  r = run_module("minigpt_jax.plot", str(tmp_path / "nowhere"))
+  r = run_module("minigpt_jax.plot", str(tmp_path / "nowhere"))  # the exit status a shell sees
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error:") and "metrics.jsonl" in lines[0]
