@@ -105,14 +105,14 @@ def test_sigterm_in_process_stops_at_a_step_boundary_and_restores_the_handler(ti
   received = []
   ours = lambda *_: received.append(1)
   previous = signal.signal(signal.SIGTERM, ours)  # a SIGTERM must never kill pytest
-  real = train_loop.Hooks.train_metrics
+  real = runs.Training.log
 
   def metrics_then_sigterm(self, step, metrics):
     real(self, step, metrics)
     if step == 3:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(train_loop.Hooks, "train_metrics", metrics_then_sigterm)
+  monkeypatch.setattr(runs.Training, "log", metrics_then_sigterm)
   tiny_config.train.log_every, tiny_config.sample.num_samples = 1, 0
   try:
     with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) at step \d+") as e:
@@ -132,13 +132,13 @@ def test_sigterm_in_process_stops_at_a_step_boundary_and_restores_the_handler(ti
 def test_sigterm_during_the_first_steps_checkpoint_stops_after_it(tiny_config, monkeypatch):
   """The loop has started: step 1's checkpoint (or eval) is not "before training"."""
   previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM must never kill pytest
-  real = train_loop.Hooks.checkpoint
+  real = runs.Training.save
 
   def checkpoint_then_sigterm(self, step, state):
     real(self, step, state)
     os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(train_loop.Hooks, "checkpoint", checkpoint_then_sigterm)
+  monkeypatch.setattr(runs.Training, "save", checkpoint_then_sigterm)
   tiny_config.train.ckpt_every, tiny_config.sample.num_samples = 1, 0
   try:
     with pytest.raises(preemption.Preempted, match=r"preempted \(SIGTERM\) at step 1:") as e:

@@ -230,7 +230,7 @@ def test_a_failed_training_releases_the_run(tiny_config, monkeypatch):
   """The error (and its traceback, which keeps train's frame alive) must not keep the lock."""
   run_dir = pathlib.Path(tiny_config.workdir) / tiny_config.run_name
   run_dir.mkdir(parents=True)  # the user's folder: it stays, with its lock file
-  monkeypatch.setattr(train_loop, "check_fits", _fails)  # after the lock, before any writing
+  monkeypatch.setattr(runs, "check_fits", _fails)  # after the lock, before any writing
   with pytest.raises(UserError, match="does not fit") as failed:
     train_loop.train(tiny_config, log=quiet)
   assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
@@ -241,7 +241,7 @@ def test_a_failed_training_releases_the_run(tiny_config, monkeypatch):
 def test_a_run_that_fails_before_writing_leaves_no_folder(tiny_config, monkeypatch):
   workdir = pathlib.Path(tiny_config.workdir)
   run_dir = workdir / tiny_config.run_name
-  monkeypatch.setattr(train_loop, "check_fits", _fails)  # after the lock, before any writing
+  monkeypatch.setattr(runs, "check_fits", _fails)  # after the lock, before any writing
   with pytest.raises(UserError, match="does not fit"):
     train_loop.train(tiny_config, log=quiet)
   assert workdir.is_dir() and not run_dir.exists()  # only the run's own folder goes
