@@ -17,7 +17,6 @@ import time
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from minigpt_jax import corpus_folder, sharding
@@ -286,24 +285,3 @@ def load_corpus_everywhere(data_cfg, tok: CharTokenizer, log=print,
   sharding.check_same_on_all_processes(
       "".join(manifest["splits"][s]["sha256"] for s in SPLITS), "corpora")
   return splits, manifest
-
-
-def get_batch(data_N: jax.Array, key: jax.Array, batch_size: int, context_len: int):
-  """Random windows of `data_N`: inputs [B, T] and targets shifted by one. Jittable.
-
-  The batch is a pure function of `key`, so a run that derives `key` from
-  (seed, step) sees the same batches after a restart.
-  """
-  starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - context_len)
-  window = lambda s: jax.lax.dynamic_slice(data_N, (s,), (context_len + 1,))
-  windows_BW = jax.vmap(window)(starts_B).astype(jnp.int32)
-  return windows_BW[:, :-1], windows_BW[:, 1:]
-
-
-def eval_windows(n_tokens: int, context_len: int, max_windows: int | None = None) -> np.ndarray:
-  """Start offsets of non-overlapping windows covering a split (evenly thinned to
-  `max_windows`); each window scores the `context_len` tokens after its start."""
-  starts = np.arange(0, n_tokens - 1, context_len)
-  if max_windows is not None and starts.size > max_windows:
-    starts = starts[np.linspace(0, starts.size - 1, max_windows).round().astype(int)]
-  return starts

@@ -51,13 +51,22 @@ def jit_eval_step(cfg: ModelConfig, mesh=None):
   return jax.jit(functools.partial(eval_step, cfg=cfg, batch_sharding=batch_sh))
 
 
+def eval_windows(n_tokens: int, context_len: int, max_windows: int | None = None) -> np.ndarray:
+  """Start offsets of non-overlapping windows covering a split (evenly thinned to
+  `max_windows`); each window scores the `context_len` tokens after its start."""
+  starts = np.arange(0, n_tokens - 1, context_len)
+  if max_windows is not None and starts.size > max_windows:
+    starts = starts[np.linspace(0, starts.size - 1, max_windows).round().astype(int)]
+  return starts
+
+
 def evaluate_split(eval_fn, params, split_N: jax.Array, context_len: int, batch_size: int,
                    max_windows=None) -> tuple[float, int]:
   """Mean nats per token over non-overlapping windows of a split (all of it by default).
 
   Deterministic: the windows depend only on the split's length. Returns (nats, tokens).
   """
-  starts = data.eval_windows(split_N.shape[0], context_len, max_windows)
+  starts = eval_windows(split_N.shape[0], context_len, max_windows)
   pad = -starts.size % batch_size
   starts = np.concatenate([starts, np.full(pad, split_N.shape[0], starts.dtype)])
   sums = [eval_fn(params, split_N, jnp.asarray(starts[i:i + batch_size], jnp.int32))

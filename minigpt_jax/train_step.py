@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from minigpt_jax import data, sharding
+from minigpt_jax import sharding
 from minigpt_jax.model import MiniGPT, ModelConfig, init_params
 
 
@@ -64,6 +64,18 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Arra
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
 
+def get_batch(data_N: jax.Array, key: jax.Array, batch_size: int, context_len: int):
+  """Random windows of `data_N`: inputs [B, T] and targets shifted by one. Jittable.
+
+  The batch is a pure function of `key`, so a run that derives `key` from
+  (seed, step) sees the same batches after a restart.
+  """
+  starts_B = jax.random.randint(key, (batch_size,), 0, data_N.shape[0] - context_len)
+  window = lambda s: jax.lax.dynamic_slice(data_N, (s,), (context_len + 1,))
+  windows_BW = jax.vmap(window)(starts_B).astype(jnp.int32)
+  return windows_BW[:, :-1], windows_BW[:, 1:]
+
+
 def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
                tx: optax.GradientTransformation, batch_size: int, seed: int, batch_sharding,
                schedule: optax.Schedule):
@@ -72,7 +84,7 @@ def train_step(state: TrainState, train_N: jax.Array, *, cfg: ModelConfig,
   this step used: computed here, so the host reads it with the other metrics."""
   key = jax.random.fold_in(jax.random.key(seed), state.step)
   inputs_BT, targets_BT = jax.lax.with_sharding_constraint(
-      data.get_batch(train_N, key, batch_size, cfg.context_len), batch_sharding)
+      get_batch(train_N, key, batch_size, cfg.context_len), batch_sharding)
   loss, grads = jax.value_and_grad(loss_fn)(state.params, cfg, inputs_BT, targets_BT)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

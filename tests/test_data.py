@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from minigpt_jax import data
+from minigpt_jax import data, scoring, train_step
 from minigpt_jax.errors import UserError
 from minigpt_jax.tokenizer import CharTokenizer
 
@@ -130,7 +130,7 @@ def test_size_cap(tiny_config):
 
 def test_batch_targets_are_inputs_shifted_by_one():
   data_N = jax.numpy.arange(1000) % 97
-  inputs, targets = data.get_batch(data_N, jax.random.key(3), 4, 16)
+  inputs, targets = train_step.get_batch(data_N, jax.random.key(3), 4, 16)
   assert inputs.shape == targets.shape == (4, 16)
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
   np.testing.assert_array_equal(targets, (inputs + 1) % 97)  # the data counts up by one
@@ -138,15 +138,15 @@ def test_batch_targets_are_inputs_shifted_by_one():
 
 def test_batch_is_a_function_of_the_key():
   data_N = jax.random.randint(jax.random.key(0), (5000,), 0, 99)
-  a = data.get_batch(data_N, jax.random.key(7), 4, 16)
-  b = data.get_batch(data_N, jax.random.key(7), 4, 16)
-  c = data.get_batch(data_N, jax.random.key(8), 4, 16)
+  a = train_step.get_batch(data_N, jax.random.key(7), 4, 16)
+  b = train_step.get_batch(data_N, jax.random.key(7), 4, 16)
+  c = train_step.get_batch(data_N, jax.random.key(8), 4, 16)
   np.testing.assert_array_equal(a[0], b[0])
   assert not np.array_equal(a[0], c[0])
 
 
 def test_eval_windows_cover_the_split():
-  starts = data.eval_windows(100, 16)
+  starts = scoring.eval_windows(100, 16)
   np.testing.assert_array_equal(starts, np.arange(0, 99, 16))
-  thinned = data.eval_windows(10_000, 16, max_windows=10)
+  thinned = scoring.eval_windows(10_000, 16, max_windows=10)
   assert thinned.size == 10 and thinned[0] == 0 and thinned[-1] == (9999 // 16) * 16

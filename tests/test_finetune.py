@@ -57,7 +57,7 @@ def finetune_config(tmp_path, corpus_dir, source_dir, new_corpus):
 def a_batch(c, split: str):
   """A fixed batch of the prepared corpus of `c` (inputs_BT, targets_BT)."""
   splits, _ = data.load_corpus(c.data, CharTokenizer(), quiet, build=False)
-  return data.get_batch(jax.numpy.asarray(splits[split]), jax.random.key(7), 8,
+  return train_step.get_batch(jax.numpy.asarray(splits[split]), jax.random.key(7), 8,
                         c.model.context_len)
 
 
