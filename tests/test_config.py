@@ -1,5 +1,7 @@
 """The config: one validation before any work, and one documented sampling default."""
 
+import importlib
+
 import pytest
 
 from configs import tiny
@@ -25,8 +27,37 @@ def test_validate_refuses(field, value, message):
     config_lib.validate(c)
 
 
-def test_the_tiny_config_is_valid():
-  config_lib.validate(tiny.get_config())  # raises if a rule above catches a good config
+def _refusal(c):
+  """What validate says against config `c`; None if it accepts it."""
+  try:
+    config_lib.validate(c)
+  except UserError as e:
+    return str(e)
+  return None
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "full", "finetune"])
+def test_every_shipped_config_is_valid(name):
+  """No rule refuses a config the project ships (configs/)."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert _refusal(c) is None
+
+
+@pytest.mark.parametrize("field,value", [
+    ("data.max_chars", 0),  # 0 = no cap
+    ("data.max_file_chars", 0),
+    ("model.vocab_pad_multiple", 1),
+    ("model.d_ff", 1),
+    ("model.context_len", 2**31 - 1),
+    ("data.name", "else.where"),
+    ("run_name", "hidden."),
+])
+def test_validate_accepts_the_values_next_to_those_it_refuses(field, value):
+  """Each rule above refuses what it says and no more: its edge case passes."""
+  c = tiny.get_config()
+  section, name = field.rsplit(".", 1) if "." in field else (None, field)
+  setattr(c[section] if section else c, name, value)
+  assert _refusal(c) is None
 
 
 def test_one_sampling_default_for_training_sample_and_evaluate():
