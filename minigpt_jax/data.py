@@ -1,4 +1,4 @@
-"""The Python-source corpus: build it once into `data/<name>/`, then load and batch it.
+"""The Python-source corpus: build it once into `data/<name>/`, then load it.
 
 Loading checks the manifest against the settings and the splits against their sha256, so a
 stale or corrupt corpus is refused, not used. The folder itself (its files, writing it
