@@ -115,14 +115,31 @@ def check_seed(seed, name: str = "--seed") -> int:
 MAX_MODEL_SIZE = 2**31 - 1
 
 
-def model_size_problem(model) -> str | None:
-  """What is wrong with an integer size in the `model` section (a ConfigDict or a dict) too
-  large to run, e.g. a context_len of 10**12; None if nothing is. Other mistakes are
-  `ModelConfig`'s to name."""
-  for name in ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple"):
-    value = model.get(name)
-    if isinstance(value, int) and value > MAX_MODEL_SIZE:
+MODEL_SIZES = ("context_len", "d_model", "n_layers", "n_heads", "d_ff", "vocab_pad_multiple")
+MODEL_CHOICES = {"compute_dtype": ("auto", "float32", "bfloat16", "float16"),
+                 "attention_impl": ("auto", "xla", "cudnn")}
+
+
+def model_problem(model) -> str | None:
+  """What is wrong with a `model` section (a ConfigDict, or a dict from a run's config.json),
+  or None: the one check of the model settings, before `ModelConfig.from_section` builds
+  them. `tie_embeddings` may be missing (a run saved before it existed: untied)."""
+  fields = {*MODEL_SIZES, *MODEL_CHOICES, "tie_embeddings"}
+  if odd := sorted((set(model) ^ fields) - {"tie_embeddings"}):
+    return f"the model section has unknown or missing fields: {', '.join(odd)}"
+  for name in MODEL_SIZES:
+    value = model[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      return f"model.{name} must be a positive integer, got {value!r}"
+    if value > MAX_MODEL_SIZE:  # JAX indexes positions and cache slots with int32
       return f"model.{name} must be at most {MAX_MODEL_SIZE} (2**31 - 1), got {value}"
+  if model["d_model"] % model["n_heads"]:
+    return f"model.d_model {model['d_model']} is not divisible by model.n_heads {model['n_heads']}"
+  for name, allowed in MODEL_CHOICES.items():
+    if model[name] not in allowed:
+      return f"model.{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {model[name]!r}"
+  if not isinstance(model.get("tie_embeddings", False), bool):
+    return f"model.tie_embeddings must be true or false, got {model['tie_embeddings']!r}"
   return None
 
 
@@ -132,9 +149,7 @@ def validate(c: ConfigDict) -> None:
   roots = c.data.roots
   if not isinstance(roots, (tuple, list)) or not roots or not all(isinstance(r, str) for r in roots):
     raise UserError(f"data.roots must be a non-empty tuple of strings, got {roots!r}")
-  from minigpt_jax.model import ModelConfig  # here: config files load without JAX
-  ModelConfig.from_section(c.model, CharTokenizer().vocab_size)  # checks the model section
-  if problem := model_size_problem(c.model):
+  if problem := model_problem(c.model):
     raise UserError(problem)
   for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep",
                "eval_batches"):

@@ -21,14 +21,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from minigpt_jax.errors import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Model hyperparameters: the config's `model` section plus the vocabulary size.
+  """Model hyperparameters: the config's `model` section (checked by `config.validate`, or
+  for a saved run by `runs.check_readable`) plus the vocabulary size.
 
   `compute_dtype` and `attention_impl` may be "auto" until `hardware.resolve` picks them
   for the machine at hand; the model runs only on a resolved config.
@@ -45,34 +45,11 @@ class ModelConfig:
   attention_impl: str  # "auto", "xla" or "cudnn" (for the causal, cache-free path)
   tie_embeddings: bool = False  # the LM head reuses the token embedding (as GPT-2, nanoGPT)
 
-  def __post_init__(self):
-    for name in ("vocab_size", "context_len", "d_model", "n_layers", "n_heads", "d_ff",
-                 "vocab_pad_multiple"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"model.{name} must be a positive integer, got {value!r}")
-    if self.d_model % self.n_heads:
-      raise UserError(f"model.d_model {self.d_model} is not divisible by model.n_heads "
-                      f"{self.n_heads}")
-    if self.compute_dtype not in ("auto", *_DTYPES):
-      raise UserError(f"model.compute_dtype must be auto, float32, bfloat16 or float16, "
-                      f"got {self.compute_dtype!r}")
-    if not isinstance(self.tie_embeddings, bool):
-      raise UserError(f"model.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
-    if self.attention_impl not in ("auto", "xla", "cudnn"):
-      raise UserError(f"model.attention_impl must be auto, xla or cudnn, got "
-                      f"{self.attention_impl!r}")
-
   @classmethod
   def from_section(cls, model_section, vocab_size: int) -> "ModelConfig":
-    """From a config's `model` section (a ConfigDict or a dict, e.g. a run's config.json)."""
-    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-    given = dict(model_section)  # a run saved before an optional field existed lacks it
-    if not fields - optional <= set(given) <= fields:
-      odd = sorted((set(given) ^ fields) - (optional - set(given)))
-      raise UserError(f"the model section has unknown or missing fields: {', '.join(odd)}")
-    return cls(vocab_size=vocab_size, **given)
+    """From a config's `model` section (a ConfigDict or a dict, e.g. a run's config.json),
+    once `config.model_problem` has found nothing wrong with it."""
+    return cls(vocab_size=vocab_size, **dict(model_section))
 
   @property
   def head_dim(self) -> int:

@@ -31,7 +31,7 @@ import ml_collections
 from flax import traverse_util
 
 from minigpt_jax import checkpoints, data, hardware, preemption, report, sharding, train_step
-from minigpt_jax.config import base_config, model_size_problem
+from minigpt_jax.config import base_config, model_problem
 from minigpt_jax.errors import UserError, WriteFailed, cause, out_of_memory_names, parse_json
 from minigpt_jax.model import ModelConfig, flops_per_token, init_params, param_count
 from minigpt_jax.tokenizer import CharTokenizer
@@ -166,7 +166,7 @@ def read_config(run_dir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 # What sampling and evaluation read from a run's config.json besides the model section
-# (ModelConfig checks that one), with what each must be.
+# (`config.model_problem` checks that one), with what each must be.
 _READ_FIELDS = {
     "train.batch_size": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "data.dir": (lambda v: isinstance(v, str) and v != "", "a folder path"),
@@ -181,7 +181,7 @@ def _is_int(v) -> bool:
 
 def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
   """Refuses a config.json (at `path`) whose fields that readers use are missing or wrong,
-  or whose model is too large to run at all (a context_len of 10**12)."""
+  or whose model section is (a field missing, a context_len of 10**12)."""
   for name, (valid, what) in _READ_FIELDS.items():
     section, field = name.split(".")
     if field not in config[section]:
@@ -189,7 +189,7 @@ def check_readable(config: ml_collections.ConfigDict, path: pathlib.Path) -> Non
     if not valid(config[section][field]):
       raise UserError(f"{path} is damaged: {name} must be {what}, got "
                       f"{config[section][field]!r}")
-  if problem := model_size_problem(config.model):
+  if problem := model_problem(config.model):
     raise UserError(f"{path} is damaged: {problem}")
 
 

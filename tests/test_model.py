@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import SMALL_MODEL
+from minigpt_jax import config as config_lib
 from minigpt_jax import hardware
 from minigpt_jax.config import base_config
 from minigpt_jax.errors import UserError
@@ -239,15 +240,19 @@ def test_the_cudnn_probe_falls_back_when_only_the_backward_pass_fails(monkeypatc
 
 
 def test_bad_model_settings_name_the_field():
-  for field, value, message in [("vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a "
-                                 "positive integer, got 0"),
-                                ("n_heads", 3, "model.d_model 32 is not divisible by model.n_heads 3"),
-                                ("d_ff", None, "model.d_ff must be a positive integer, got None"),
-                                ("compute_dtype", "int8", "model.compute_dtype must be")]:
-    with pytest.raises(UserError, match=message):
-      dataclasses.replace(SMALL, **{field: value})
-  with pytest.raises(UserError, match="unknown or missing fields: d_model"):
-    ModelConfig.from_section({k: v for k, v in base_config().model.items() if k != "d_model"}, 99)
+  good = {f: getattr(SMALL, f) for f in (*config_lib.MODEL_SIZES, *config_lib.MODEL_CHOICES)}
+  assert config_lib.model_problem(good) is None
+  for field, value, message in [
+      ("vocab_pad_multiple", 0, "model.vocab_pad_multiple must be a positive integer, got 0"),
+      ("n_heads", 3, "model.d_model 32 is not divisible by model.n_heads 3"),
+      ("d_ff", None, "model.d_ff must be a positive integer, got None"),
+      ("n_layers", True, "model.n_layers must be a positive integer, got True"),
+      ("compute_dtype", "int8", "model.compute_dtype must be auto, float32, bfloat16 or float16"),
+      ("attention_impl", "flash", "model.attention_impl must be auto, xla or cudnn, got 'flash'"),
+      ("tie_embeddings", 1, "model.tie_embeddings must be true or false, got 1")]:
+    assert message in config_lib.model_problem({**good, field: value})
+  no_d_model = {k: v for k, v in base_config().model.items() if k != "d_model"}
+  assert "unknown or missing fields: d_model" in config_lib.model_problem(no_d_model)
 
 
 def test_bfloat16_compute_keeps_float32_precision_in_the_lm_head():
@@ -299,8 +304,8 @@ def test_a_run_saved_before_tie_embeddings_existed_loads_untied():
   section = {f: getattr(SMALL_MODEL, f) for f in ("context_len", "d_model", "n_layers", "n_heads",
                                                   "d_ff", "vocab_pad_multiple", "compute_dtype",
                                                   "attention_impl")}
+  assert config_lib.model_problem(section) is None
   assert ModelConfig.from_section(section, 99).tie_embeddings is False
-  with pytest.raises(UserError, match="unknown or missing fields: d_ff"):
-    ModelConfig.from_section({k: v for k, v in section.items() if k != "d_ff"}, 99)
-  with pytest.raises(UserError, match="unknown or missing fields: bias"):
-    ModelConfig.from_section({**section, "bias": True}, 99)
+  no_d_ff = {k: v for k, v in section.items() if k != "d_ff"}
+  assert "unknown or missing fields: d_ff" in config_lib.model_problem(no_d_ff)
+  assert "unknown or missing fields: bias" in config_lib.model_problem({**section, "bias": True})
