@@ -54,7 +54,7 @@ def window_len(n_B, context_len: int, keep: int, xp=np):
 def generate_text(params, cfg: ModelConfig, tok: CharTokenizer, prompts: list[str], *,
                   stop_at_eos: bool = True, use_cache: bool = True, **options) -> list[str]:
   """Continues each prompt; returns the new text only (cut at `<eos>` with `stop_at_eos`).
-  `options`: `decode`'s; `use_cache=False` runs the uncached reference instead."""
+  `options`: `decode`'s, or with `use_cache=False` the uncached reference's."""
   from minigpt_jax import reference  # which imports this module
   tokens_fn = generate_tokens if use_cache else reference.generate_tokens
   new_BG = tokens_fn(params, cfg, [tok.encode(p) for p in prompts], stop_at_eos=stop_at_eos,
@@ -87,18 +87,18 @@ def decode(params, cfg: ModelConfig, prompts: list[np.ndarray], *, max_new_token
   then up to `chunk` at a time (0: a cache segment at a time); `max_new_tokens` in all, or
   fewer once every row has ended (`stop_at_eos`). `fill_context`: see `pad_prompts`."""
   tokens_BP, start_B = pad_prompts(prompts, max_new_tokens, cfg.context_len, fill_context)
-  chunks = _dispatch(compute_params(params, cfg), cfg, tokens_BP, start_B, jax.random.key(seed),
-                     max_new_tokens, sampling, stop_at_eos, window_keep(cfg.context_len, keep),
-                     chunk, segment, unroll)
+  chunks = _decode_passes(compute_params(params, cfg), cfg, tokens_BP, start_B,
+                          jax.random.key(seed), max_new_tokens, sampling, stop_at_eos,
+                          window_keep(cfg.context_len, keep), chunk, segment, unroll)
   for new_BC, done_B in _one_ahead(chunks):
     yield np.asarray(new_BC)  # waits for this chunk only: the next is already dispatched
     if stop_at_eos and np.asarray(done_B).all():
       return
 
 
-def _dispatch(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarray,
-              key: jax.Array, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
-              keep: int, chunk: int, segment: int, unroll: int):
+def _decode_passes(params, cfg: ModelConfig, tokens_BP: np.ndarray, start_B: np.ndarray,
+                   key: jax.Array, steps: int, sampling: SamplingConfig, stop_at_eos: bool,
+                   keep: int, chunk: int, segment: int, unroll: int):
   """Dispatches `decode`'s work; yields (tokens on the device [B, n], done [B]) per chunk.
   Each pass prefills the rows' windows and decodes until the fullest holds the context;
   the next lays out every row's window anew by the window rule."""
@@ -208,19 +208,19 @@ class SamplingConfig:
 
   def __post_init__(self):  # where every sampling setting is checked (flags, config)
     if not self.greedy and not self.temperature > 0:
-      raise UserError(f"temperature must be > 0 (use greedy for argmax), got {self.temperature}")
+      raise UserError(f"temperature must be > 0, got {self.temperature}")
     if self.top_k < 0:
       raise UserError(f"top_k must be >= 0, got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def sample(key: jax.Array, logits_BV: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """One token id per row, int32 [B]: greedy, or a draw after temperature, top-k, top-p."""
-  if cfg.greedy:
+  if sampling.greedy:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  logits_BV = logits_BV.astype(jnp.float32) / cfg.temperature
-  logits_BV = top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
+  logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
+  logits_BV = top_p_filter(top_k_filter(logits_BV, sampling.top_k), sampling.top_p)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 

@@ -1,4 +1,5 @@
-"""A run directory: what training writes and sampling, evaluation and resuming read.
+"""A run directory: what training writes and sampling, evaluation and resuming read, and
+the run while it is trained (`open_training`: its lock, corpus, state and saves).
 
     checkpoints/<run>/config.json      the full config the run was started with
     checkpoints/<run>/tokenizer.json
@@ -374,12 +375,12 @@ def most_recent(workdir: str = "checkpoints") -> str:
 
 
 # --- a run while it is trained ---------------------------------------------------------------
-# `train_loop.train` enters `training(...)` and calls a `Training`'s methods; what protects the
-# run (its lock, SIGTERM, the corpus it was trained on, fine-tune sources, damaged steps,
-# failed saves) is here, out of the loop's way.
+# `train_loop.train` enters `open_training(...)` and calls the `Training` it yields: what
+# protects the run (its lock, SIGTERM, the corpus it was trained on, fine-tune sources,
+# damaged steps, failed saves) is here, out of the loop's way.
 
 @contextlib.contextmanager
-def training(config, cfg: ModelConfig, say):
+def open_training(config, cfg: ModelConfig, say):
   """The run `config.workdir/config.run_name`, opened for training: locked, its corpus
   prepared (the one its checkpoints were trained on, for a resume), its state fresh,
   fine-tuned from `config.init_from` or resumed, its checkpoint manager and reporter open.
@@ -415,7 +416,7 @@ class Training:
   run_dir: pathlib.Path
   mesh: jax.sharding.Mesh
   splits: dict  # "train", "val": uint8 token arrays on the host
-  state: object  # train_step.TrainState, laid out on the mesh
+  initial_state: object  # train_step.TrainState on the mesh; the first step donates it
   tx: object  # the optimizer
   state_sh: object  # the state's shardings
   start: int  # the step the state is at
@@ -464,6 +465,10 @@ class Training:
     except Exception as e:  # Orbax has forgotten the failed step by now
       raise UserError(f"saving checkpoint step {step} in {self.mngr.directory} failed: "
                       f"{cause(e)}; training stopped ({kept(self.mngr)})") from e
+
+  def begin_loop(self) -> None:
+    """From now on SIGTERM stops training at a step boundary, with a checkpoint."""
+    self.stop.loop_started = True
 
   def should_stop(self, step: int) -> bool:
     """Whether SIGTERM asked training to stop (the loop then calls `preempt`)."""

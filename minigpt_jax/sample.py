@@ -83,7 +83,7 @@ def main(_):
   rows = [p for p in prompts for _ in range(_NUM.value)]
   t0 = time.perf_counter()
   with errors.out_of_memory_names("--num_samples (or the number of prompts, --max_new_tokens)"):
-    if _STREAM.value:  # printed as it is made, 16 characters at a time
+    if _STREAM.value:  # printed as it is made, a chunk at a time
       pieces = interactive.stream_text(run.params, run.model_cfg, run.tokenizer, rows,
                                        max_new_tokens=max_new, sampling=sampling,
                                        seed=_SEED.value, stop_at_eos=_STOP.value)

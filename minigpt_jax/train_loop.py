@@ -1,6 +1,6 @@
 """Training, top to bottom: `train(config)` opens the run (corpus, state), compiles the
 step, runs the loop, and reports. The pure step is in `train_step`; what protects the run
-directory (its lock, resuming, fine-tuning, saving, SIGTERM) is behind `runs.training`."""
+directory (its lock, resuming, fine-tuning, saving, SIGTERM) is behind `runs.open_training`."""
 
 import dataclasses
 import pathlib
@@ -35,25 +35,26 @@ def train(config: ml_collections.ConfigDict, log=print) -> RunSummary:
   # Before the corpus is prepared: a setting this machine cannot run is refused at once.
   cfg = hardware.resolve(ModelConfig.from_section(config.model, CharTokenizer().vocab_size))
   say = log if jax.process_index() == 0 else (lambda *_: None)
-  with runs.training(config, cfg, say) as run:
+  with runs.open_training(config, cfg, say) as run:
     step = run.start
     if step < run.end:
       train_N = sharding.put_replicated(run.mesh, run.splits["train"])
       step_fn = train_step.compile_train_step(config, cfg, run.mesh, run.tx, run.state_sh,
-                                               run.state, train_N)
+                                               run.initial_state, train_N)
       hardware.fit_host_memory_to(hardware.scratch_bytes(step_fn))
       evaluate = Evaluate(config, cfg, run)
-      step = loop(run.state, step_fn, train_N, run, config.train, evaluate)
+      step = loop(run.initial_state, step_fn, train_N, run, config.train, evaluate)
   say(run.finished_message(step))
   return RunSummary(run.run_dir, run.start, step, run.reporter.train_losses,
                     run.reporter.val_losses)
 
 
 def loop(state, step_fn, train_N, run: runs.Training, every, evaluate: "Evaluate") -> int:
-  """Steps from `run.start` to `run.end`; logs, checkpoints and evaluates as `every`
-  (config.train) says, and stops with a checkpoint (raising Preempted) on SIGTERM, from
-  now on: one during step 1, its eval or its checkpoint too. Returns the last step."""
-  run.stop.loop_started = True
+  """Steps from `run.start` to `run.end`, logging, checkpointing and evaluating as `every`
+  (config.train) says. Returns the last step. A SIGTERM from here on (even during step 1
+  or its checkpoint) ends the loop at the next step boundary with a checkpoint, raising
+  Preempted."""
+  run.begin_loop()
   step, pending = run.start, None
   while step < run.end:
     state, metrics = step_fn(state, train_N)
