@@ -240,13 +240,13 @@ def _restore(mngr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -
   try:
     return dict(mngr.restore(step, args=args))
   except Exception as e:  # Orbax raises many types for a damaged checkpoint
-    reason = _cause(e)
+    reason = _root_cause(e)
   gc.collect()  # the abandoned reads end now, not at some later point
   raise _Unrestorable(f"cannot restore checkpoint step {step} in {mngr.directory}: {reason}",
                       reason)
 
 
-def _cause(e: BaseException) -> str:
+def _root_cause(e: BaseException) -> str:
   """One line for the exception at the bottom of `e`'s chain (Orbax's wrappers above it
   add a cut-off TensorStore spec dump)."""
   while True:
@@ -309,7 +309,7 @@ def _read_whole(run_dir: pathlib.Path, step: int, items: tuple[str, ...]) -> dic
     try:
       tree = handler.metadata(step_dir / k).tree
     except Exception as e:  # a missing or unreadable _METADATA
-      raise _Damaged(f"{where} ({k}: {_cause(e)})")
+      raise _Damaged(f"{where} ({k}: {_root_cause(e)})")
     finally:
       handler.close()
     host = ocp.RestoreArgs(restore_type=np.ndarray)
