@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -17,6 +18,16 @@ from minigpt_jax.model import (KVCache, MiniGPT, ModelConfig, MultiHeadAttention
                                flops_per_token, init_params, param_count)
 
 SMALL = SMALL_MODEL
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(cfg, params, tokens_BT, start_B=None):
+  """The model's forward pass compiled as one program: op by op, each op would compile."""
+  return MiniGPT(cfg).apply({"params": params}, tokens_BT, start_B)
+
+
+def params_of(cfg):
+  return jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
 
 
 def test_full_config_parameter_count_without_allocating():
@@ -38,31 +49,31 @@ def test_flops_per_token_full_config():
 
 
 def test_output_shapes_and_float32_logits():
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   tokens = jnp.zeros((3, 20), jnp.int32)
-  logits, cache = MiniGPT(SMALL).apply({"params": params}, tokens)
+  logits, cache = forward(SMALL, params, tokens)
   assert logits.shape == (3, 20, 99) and logits.dtype == jnp.float32 and cache is None
   bf16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
-  logits16, _ = MiniGPT(bf16).apply({"params": params}, tokens)
+  logits16, _ = forward(bf16, params, tokens)
   assert logits16.dtype == jnp.float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
 def test_padded_vocab_is_sliced_off():
   cfg = dataclasses.replace(SMALL, vocab_pad_multiple=128)
-  params = init_params(cfg, jax.random.key(0))
+  params = params_of(cfg)
   assert params["lm_head"]["kernel"].shape == (32, 128)
-  logits, _ = MiniGPT(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+  logits, _ = forward(cfg, params, jnp.zeros((1, 4), jnp.int32))
   assert logits.shape == (1, 4, 99)
 
 
 def test_causality():
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   a = jax.random.randint(jax.random.key(1), (2, 24), 0, 99)
   t = 10
   b = a.at[:, t + 1:].set(jax.random.randint(jax.random.key(2), (2, 24 - t - 1), 0, 99))
-  la, _ = MiniGPT(SMALL).apply({"params": params}, a)
-  lb, _ = MiniGPT(SMALL).apply({"params": params}, b)
+  la, _ = forward(SMALL, params, a)
+  lb, _ = forward(SMALL, params, b)
   np.testing.assert_array_equal(la[:, :t + 1], lb[:, :t + 1])
   assert not np.allclose(la[:, t + 1:], lb[:, t + 1:])
 
@@ -110,9 +121,11 @@ def test_attention_and_its_gradients_equal_jaxs_own_attention():
   mask = attention_mask(jnp.arange(16), jnp.arange(16))
   ours = lambda q, k, v: (attend(q, k, v, mask) * g).sum()
   jaxs = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, is_causal=True) * g).sum()
-  for a, b in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(jaxs, (0, 1, 2))(q, k, v)):
+  value_and_grads = lambda f: jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v)  # one compile
+  (ours_value, ours_grads), (jaxs_value, jaxs_grads) = value_and_grads(ours), value_and_grads(jaxs)
+  for a, b in zip(ours_grads, jaxs_grads):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(ours(q, k, v), jaxs(q, k, v), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(ours_value, jaxs_value, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block", [16, 7, 40])  # even blocks, a short last block, one block
@@ -120,18 +133,19 @@ def test_blocked_causal_attention_equals_the_masked_whole(block):
   q, k, v, g = jax.random.normal(jax.random.key(1), (4, 2, 40, 4, 8))
   whole = lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, is_causal=True) * g).sum()
   blocked = lambda q, k, v: (causal_attention(q, k, v, block) * g).sum()
-  np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), atol=1e-4, rtol=1e-5)
-  grads = lambda f: jax.jit(jax.grad(f, (0, 1, 2)))(q, k, v)  # one compile, not op by op
-  for a, b in zip(grads(blocked), grads(whole)):
+  value_and_grads = lambda f: jax.jit(jax.value_and_grad(f, (0, 1, 2)))(q, k, v)  # one compile
+  (blocked_value, blocked_grads), (whole_value, whole_grads) = map(value_and_grads, (blocked, whole))
+  np.testing.assert_allclose(blocked_value, whole_value, atol=1e-4, rtol=1e-5)
+  for a, b in zip(blocked_grads, whole_grads):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_is_invisible():
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   real = jax.random.randint(jax.random.key(1), (1, 9), 2, 99)
   padded = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), real], axis=1)
-  plain, _ = MiniGPT(SMALL).apply({"params": params}, real)
-  shifted, _ = MiniGPT(SMALL).apply({"params": params}, padded, start_B=jnp.array([5]))
+  plain, _ = forward(SMALL, params, real)
+  shifted, _ = forward(SMALL, params, padded, jnp.array([5]))
   np.testing.assert_allclose(shifted[:, 5:], plain, atol=1e-5)
 
 
@@ -280,8 +294,8 @@ def test_tied_embeddings_make_the_lm_head_the_token_embedding():
   """Tied: no lm_head, and a token's embedding row moves its own logit (it is the head's
   row for that token) and no other; untied, a row of a token not in the input moves none."""
   tied = dataclasses.replace(SMALL_MODEL, tie_embeddings=True)
-  params = init_params(tied, jax.random.key(0))
-  untied_params = init_params(SMALL_MODEL, jax.random.key(0))
+  params = params_of(tied)
+  untied_params = params_of(SMALL_MODEL)
   assert "lm_head" not in params
   head_size = SMALL_MODEL.vocab_size * SMALL_MODEL.d_model
   assert param_count(untied_params) - param_count(params) == head_size
@@ -291,8 +305,8 @@ def test_tied_embeddings_make_the_lm_head_the_token_embedding():
     moved = jax.tree.map(lambda x: x, p)  # a copy of the nested dicts
     moved["embed"]["token"]["embedding"] = p["embed"]["token"]["embedding"].at[50].add(
         jax.random.normal(jax.random.key(1), (cfg.d_model,)))  # not constant: ln_f centres x
-    before, _ = MiniGPT(cfg).apply({"params": p}, tokens)
-    after, _ = MiniGPT(cfg).apply({"params": moved}, tokens)
+    before, _ = forward(cfg, p, tokens)
+    after, _ = forward(cfg, moved, tokens)
     return np.abs(np.asarray(after - before)).max(axis=(0, 1))  # [V]
 
   change_V = logits_after_moving_row(tied, params)
