@@ -150,7 +150,7 @@ def test_left_padding_is_invisible():
 
 
 def test_shape_checks_name_the_layer():
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   with pytest.raises(ValueError, match=r"MiniGPT: tokens has shape \(4,\), expected \(\?, \?\)"):
     MiniGPT(SMALL).apply({"params": params}, jnp.zeros((4,), jnp.int32))
   with pytest.raises(ValueError, match="exceed the context length 32"):
@@ -272,7 +272,7 @@ def test_bad_model_settings_name_the_field():
 def test_bfloat16_compute_keeps_float32_precision_in_the_lm_head():
   """With 16-bit compute the logits must be the float32 product of the final hidden state
   and the head, not a bf16 product cast up afterwards (8 bits of mantissa)."""
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   bf16 = dataclasses.replace(SMALL, compute_dtype="bfloat16")
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 99)
   (logits, _), state = MiniGPT(bf16).apply({"params": params}, tokens,
@@ -284,7 +284,7 @@ def test_bfloat16_compute_keeps_float32_precision_in_the_lm_head():
 
 
 def test_a_cache_for_another_number_of_layers_is_refused():
-  params = init_params(SMALL, jax.random.key(0))
+  params = params_of(SMALL)
   other = KVCache.init(dataclasses.replace(SMALL, n_layers=SMALL.n_layers + 1), 1, 8)
   with pytest.raises(ValueError, match="a cache of 3 layers for a model of 2"):
     MiniGPT(SMALL).apply({"params": params}, jnp.ones((1, 4), jnp.int32), cache=other)
