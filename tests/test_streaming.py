@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, model_config, ok, one_line_error, run_module, tiny_flags
+from helpers import REPO, model_config, ok, one_line_error, run_command, tiny_flags
 from minigpt_jax import generate, interactive, runs
 from minigpt_jax.generate import SamplingConfig
 from minigpt_jax.model import init_params
@@ -32,12 +32,35 @@ def _prompts(*lens):
 def trained_run(tmp_path_factory, corpus_dir):
   """A tiny run trained by the CLI, as in test_cli.py; the tests below only read it."""
   tmp = tmp_path_factory.mktemp("stream")
-  ok(run_module("minigpt_jax.train", *tiny_flags(tmp, corpus_dir)))
+  ok(run_command("minigpt_jax.train", *tiny_flags(tmp, corpus_dir)))
   return tmp / "runs" / "tiny"
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+  """`run_command` for `sample --stream` / `--interactive`: their writers' default `out`
+  and `err` are the sys.stdout / sys.stderr of when `interactive` was imported, not the
+  command's captured ones; the writers are made to look them up at each call. Returns
+  `run_sample(*args, stdin_text=None)`, which also feeds `stdin_text` as sys.stdin."""
+  write_stream, loop = interactive.write_stream, interactive.loop
+  monkeypatch.setattr(interactive, "write_stream",
+                      lambda pieces, rows, num_samples, out=None:
+                      write_stream(pieces, rows, num_samples, out or sys.stdout))
+  monkeypatch.setattr(interactive, "loop", lambda run, *, out=None, err=None, **kw:
+                      loop(run, out=out or sys.stdout, err=err or sys.stderr, **kw))
+
+  def run_sample(*args, stdin_text=None):
+    if stdin_text is None:
+      return run_command("minigpt_jax.sample", *args)
+    with monkeypatch.context() as m:
+      m.setattr(sys, "stdin", io.StringIO(stdin_text))
+      return run_command("minigpt_jax.sample", *args)
+  return run_sample
+
+
 def _sample_with_stdin(*args, stdin_text: str):
-  """`python -m minigpt_jax.sample args...` reading `stdin_text` from a pipe."""
+  """`python -m minigpt_jax.sample args...` in a fresh process, reading `stdin_text` from a
+  pipe."""
   env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "minigpt_jax.sample", *args], cwd=REPO, env=env,
                         input=stdin_text, capture_output=True, text=True, timeout=240)
@@ -193,19 +216,19 @@ def test_interactive_prompts_of_new_lengths_compile_nothing_new(caplog):
     ["--seed", "7", "--top_k", "20", "--temperature", "1.5", "--nostop_at_eos"],
     ["--seed", "3", "--prompt", "class ", "--num_samples", "2", "--temperature", "1.5"],
 ], ids=["greedy", "greedy-nostop", "sampled-nostop", "sampled-several"])
-def test_sample_stream_prints_the_same_text(trained_run, args):
+def test_sample_stream_prints_the_same_text(trained_run, in_process, args):
   common = ["--checkpoint", str(trained_run), "--prompt", "def ", "--max_new_tokens", "24", *args]
-  plain = ok(run_module("minigpt_jax.sample", *common))
-  streamed = ok(run_module("minigpt_jax.sample", *common, "--stream"))
+  plain = ok(in_process(*common))
+  streamed = ok(in_process(*common, "--stream"))
   assert streamed.stdout == plain.stdout
   assert len(plain.stdout) > len("def \n")
 
 
-def test_sample_interactive_with_piped_prompts(trained_run):
+def test_sample_interactive_with_piped_prompts(trained_run, in_process):
   good = ["def ", "class A:\n    ", "import"]
   lines = "def \nclass A:\\\n    \nnot \u00e9 ascii\nimport\n"
-  proc = ok(_sample_with_stdin("--checkpoint", str(trained_run), "--interactive", "--greedy",
-                              stdin_text=lines))
+  proc = ok(in_process("--checkpoint", str(trained_run), "--interactive", "--greedy",
+                       stdin_text=lines))
   errors = proc.stderr.strip().splitlines()
   assert [e for e in errors if e.startswith("error:")] == errors[:1], proc.stderr
   assert "outside the vocabulary" in errors[0]
@@ -224,10 +247,11 @@ def test_sample_interactive_with_piped_prompts(trained_run):
     (["--interactive", "--num_samples", "2"], "--num_samples"),
 ])
 def test_sample_stream_and_interactive_refuse_what_they_cannot_do(trained_run, args, fragment):
-  one_line_error(run_module("minigpt_jax.sample", "--checkpoint", str(trained_run), *args),
+  one_line_error(run_command("minigpt_jax.sample", "--checkpoint", str(trained_run), *args),
                  fragment)
 
 
 def test_sample_interactive_exits_cleanly_at_eof(trained_run):
+  """A real process reading a real (empty) pipe: exit status 0, nothing printed."""
   proc = ok(_sample_with_stdin("--checkpoint", str(trained_run), "--interactive", stdin_text=""))
   assert proc.stdout == "" and "error" not in proc.stderr
