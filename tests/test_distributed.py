@@ -177,20 +177,34 @@ def _has_cpu_collectives() -> bool:
   return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-def test_two_processes_match_one_process(runs):
+@pytest.fixture(scope="module")
+def two_processes(runs):
+  """Two processes of 2 devices each, which train, one after another: the run compared with
+  one process, then a short run and its resume with data.rebuild=True (in a workdir of
+  their own, on the same mesh, so that they reuse the first run's compiled step)."""
   if not _has_cpu_collectives():
     pytest.skip("this jaxlib has no gloo CPU collectives, so CPU processes cannot talk")
   port = _free_port()
+  tmp = runs["tmp"]
   # FSDP over all 4 devices of the 2 processes: parameters, batches and samples span both.
   # A fresh data.dir: process 0 prepares the corpus while process 1 waits for it.
   base = runs["overrides"]("two_procs", **{
-      "data.dir": str(runs["tmp"] / "data_two_procs"), "mesh.distributed": True,
+      "data.dir": str(tmp / "data_two_procs"), "mesh.distributed": True,
       "mesh.coordinator_address": f"127.0.0.1:{port}", "mesh.num_processes": 2,
       "mesh.fsdp": 4, "mesh.data": 1, "train.eval_every": STEPS, "train.ckpt_every": STEPS,
       "sample.num_samples": 1})
-  procs = [_start(2, {"distributed": True, "runs": [{**base, "mesh.process_id": i}]})
+  short = {**base, "run_name": "rebuild_resume", "data.dir": str(tmp / "data_rebuild"),
+           "workdir": str(tmp / "runs_rebuild"), "train.steps": 2, "train.eval_every": 2,
+           "train.ckpt_every": 2, "sample.num_samples": 0}
+  resume = {**short, "train.steps": 4, "data.rebuild": True}  # the sources are unchanged
+  procs = [_start(2, {"distributed": True, "runs": [{**run, "mesh.process_id": i}
+                                                    for run in (base, short, resume)]})
            for i in range(2)]
-  (p0, out0), (p1, out1) = _finish(procs, timeout=120)
+  return _finish(procs, timeout=180)
+
+
+def test_two_processes_match_one_process(runs, two_processes):
+  (p0, out0), (p1, out1) = two_processes
   assert [(p["process"], p["processes"], p["devices"]) for p in (p0, p1)] == [(0, 2, 4), (1, 2, 4)]
   want = _losses(runs["one"]["runs"][0])
   for p in (p0, p1):
@@ -233,20 +247,11 @@ def test_when_process_0_cannot_prepare_the_corpus_every_process_stops(runs, tmp_
   assert time.monotonic() - t0 < 60
 
 
-def test_two_processes_resume_with_a_rebuild(runs, tmp_path):
+def test_two_processes_resume_with_a_rebuild(two_processes):
   """A resume with data.rebuild=True reads the corpus record of the run's checkpoint. Orbax
   synchronises every process when it opens checkpoints, so all must read it: read by
-  process 0 alone, both processes waited for each other forever."""
-  if not _has_cpu_collectives():
-    pytest.skip("this jaxlib has no gloo CPU collectives, so CPU processes cannot talk")
-  base = runs["overrides"]("rebuild_resume", **{
-      "data.dir": str(tmp_path / "data"), "workdir": str(tmp_path / "runs"),
-      "mesh.distributed": True, "mesh.coordinator_address": f"127.0.0.1:{_free_port()}",
-      "mesh.num_processes": 2, "train.steps": 2, "train.eval_every": 2, "train.ckpt_every": 2})
-  resume = {**base, "train.steps": 4, "data.rebuild": True}  # the sources are unchanged
-  (p0, _), (p1, _) = _finish([
-      _start(1, {"distributed": True, "runs": [{**base, "mesh.process_id": i},
-                                                {**resume, "mesh.process_id": i}]})
-      for i in range(2)], timeout=120)
-  for p in (p0, p1):
-    assert sorted(_losses(p["runs"][1])) == [3, 4]  # resumed at step 2
+  process 0 alone, both processes waited for each other forever (the fixture's children
+  then time out)."""
+  for p, _ in two_processes:
+    assert sorted(_losses(p["runs"][1])) == [1, 2]
+    assert sorted(_losses(p["runs"][2])) == [3, 4]  # resumed at step 2

@@ -133,11 +133,12 @@ def test_segmented_decode_equals_uncached(segment):
 
 def test_unrolled_decode_equals_uncached():
   """Unrolling the scan (fewer loop iterations on a GPU) changes no token: 3 (not a divisor
-  of the scans' lengths) and 64 (more than any segment's calls)."""
-  kw = dict(max_new_tokens=33, sampling=SAMPLED, seed=3, stop_at_eos=False)
-  b = reference.generate_tokens(PARAMS, CFG, SEGMENT_PROMPTS, **kw)  # as in the test above
+  of the scans' 4 calls) and 64 (more than any segment's calls)."""
+  kw = dict(max_new_tokens=9, sampling=SAMPLED, seed=3, stop_at_eos=False)
+  b = reference.generate_tokens(PARAMS, CFG, SEGMENT_PROMPTS, **kw)
+  assert generate.decode_plan(32, 8, 4) == [(36, 4), (40, 4)]  # prompt bucket 32
   for unroll in (3, 64):
-    a = generate.generate_tokens(PARAMS, CFG, SEGMENT_PROMPTS, segment=16, unroll=unroll, **kw)
+    a = generate.generate_tokens(PARAMS, CFG, SEGMENT_PROMPTS, segment=4, unroll=unroll, **kw)
     np.testing.assert_array_equal(a, b)
 
 
@@ -225,7 +226,7 @@ def test_window_keep_must_leave_the_window_room_to_grow():
   with pytest.raises(ValueError, match="keep must be in"):
     generate.generate_tokens(SHORT_PARAMS, SHORT, [_random_prompt(2, 0)], max_new_tokens=30,
                              sampling=GREEDY, keep=16)
-  one = model_config(context_len=1)
+  one = model_config(context_len=1, n_layers=1, d_model=8, n_heads=1, d_ff=8)
   out = generate.generate_tokens(init_params(one, jax.random.key(0)), one, [np.zeros(0, int)],
                                  max_new_tokens=3, sampling=GREEDY, stop_at_eos=False)
   assert out.shape == (1, 3)  # a context of 1 keeps its one token

@@ -48,7 +48,9 @@ def test_a_bad_stage_or_missing_folder_is_a_usage_error(tmp_path):
 def test_the_dry_run_of_each_stage_runs_its_commands(tmp_path, stage):
   """From another directory, with OUT_DIR relative to it: every command of the stage runs
   (tiny config) and the stage exits 0; the backend check is run and fails with one line."""
-  proc = acceptance("--dry_run", stage, "out", cwd=tmp_path)
+  # Training runs until the timeout stops it: 30 s of it (not the default 45) leave its
+  # first checkpoint, the corpus build and compile of ~10 s, room to spare.
+  proc = acceptance("--dry_run", stage, "out", cwd=tmp_path, DRY_TRAIN_SECONDS="30")
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "out" / stage
   assert "the backend check exits 1, as it must without a GPU: no GPU backend" in proc.stderr
