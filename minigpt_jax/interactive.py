@@ -59,13 +59,13 @@ def _rows_in_order(pieces: list[list[str]], ended: list[bool], row: int):
 
 
 def write_stream(pieces: Iterable[tuple[int, str]], rows: list[str], num_samples: int,
-                 out: TextIO = sys.stdout) -> list[str]:
+                 out: Optional[TextIO] = None) -> list[str]:
   """Prints `stream_text`'s pieces as `sample` prints whole texts: a header per row
   when there are several, the row's prompt (`rows`), its text, a newline. Nothing is printed
   before the first piece, so a prompt the model cannot take prints nothing.
 
-  Returns the texts."""
-  texts = []
+  Returns the texts. `out`: default, the `sys.stdout` of the call (a redirect counts)."""
+  out, texts = out or sys.stdout, []
   for row, piece in pieces:
     if row == len(texts):  # the first piece of the next row
       if texts:
@@ -103,13 +103,14 @@ def read_prompt(read_line: Callable[[str], str], tty: bool) -> Optional[str]:
 
 def loop(run, *, max_new_tokens: int, sampling: generate.SamplingConfig, seed: int,
          stop_at_eos: bool, read_line: Callable[[str], str] = input, tty: bool = False,
-         out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+         out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
   """Answers prompts from `read_line` until it ends; returns how many were answered.
 
   When the whole continuation fits the context, every prompt is padded to the slots
   `max_new_tokens` leave, so prompts of any length share one compile of prefill and decode.
   A prompt the model cannot take prints `error: ...` to `err`, and the loop asks again.
   """
+  out, err = out or sys.stdout, err or sys.stderr  # at the call, so redirects count
   cfg = run.model_cfg
   params = generate.compute_params(run.params, cfg)  # once, not per prompt
   answered = 0
