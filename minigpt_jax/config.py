@@ -42,6 +42,10 @@ def base_config() -> ConfigDict:
   c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at the last step
   c.train.weight_decay = 0.1  # applied to matmul kernels only
   c.train.decay_embeddings = False  # True: to the token and position embeddings too
+  # "adamw"; "muon": Muon (optax.contrib) on the blocks' matrices at train.muon_lr, AdamW
+  # at train.lr on the embeddings, LM head, biases and norms
+  c.train.optimizer = "adamw"
+  c.train.muon_lr = 0.02
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.grad_clip = 1.0  # global-norm clip

@@ -38,11 +38,33 @@ def lr_schedule(train_cfg) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.clip_by_global_norm(train_cfg.grad_clip),
-      optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                  weight_decay=train_cfg.weight_decay,
-                  mask=functools.partial(decay_mask, embeddings=train_cfg.decay_embeddings)))
+  mask = functools.partial(decay_mask, embeddings=train_cfg.decay_embeddings)
+  if train_cfg.optimizer == "adamw":
+    step = optax.adamw(lr_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                       weight_decay=train_cfg.weight_decay, mask=mask)
+  else:  # Muon on the blocks' matrices, AdamW (with train.lr) on the rest
+    muon_lr = lambda n: lr_schedule(train_cfg)(n) * (train_cfg.muon_lr / train_cfg.lr)
+    step = optax.contrib.muon(
+        muon_lr, beta=0.95, weight_decay=train_cfg.weight_decay, weight_decay_mask=mask,
+        adam_b1=train_cfg.b1, adam_b2=train_cfg.b2, adam_learning_rate=lr_schedule(train_cfg),
+        adam_weight_decay=0.0, nesterov=True, muon_weight_dimension_numbers=muon_dims)
+  return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), step)
+
+
+def muon_dims(params):
+  """The axes Muon orthogonalises in each block kernel (None: AdamW's): q, k and v each on
+  their own (the fused kernel's axis 1 is a batch axis), heads x head width into the output
+  projection."""
+  def dims(path, x):
+    names = [p.key for p in path]
+    if names[-1] != "kernel" or not names[0].startswith("block_"):
+      return None
+    if names[-2] == "qkv":
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=(2, 3))
+    if names[-2] == "out":
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+    return optax.contrib.MuonDimensionNumbers(0, 1)
+  return jax.tree_util.tree_map_with_path(dims, params)
 
 
 def summed_nats(params, cfg: ModelConfig, inputs_BT, targets_BT, weights_BT):
